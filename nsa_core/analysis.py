@@ -191,21 +191,21 @@ def pooled_dense_map(model: NSALM, ids: torch.Tensor, *, layer: int, head: int, 
     kv = head // c.group_size
     q = a.q[0, q_lo:q_hi, head:head + 1]  # [Tq, 1, Dk]
     k = a.k[0, :, kv:kv + 1]  # [T, 1, Dk]
-    cover = None
+    block_idx = None
     if trace is not None:
-        block_idx = _trace_layer(trace, layer, T).block_idx[q_lo:q_hi, kv:kv + 1]  # [Tq, 1, n]
-        cover = _Cover(torch.from_numpy(np.ascontiguousarray(block_idx)).to(q.device), c.slc_block, c.window)
+        block_idx = torch.from_numpy(_trace_layer(trace, layer, T).block_idx[q_lo:q_hi, kv:kv + 1]).to(q.device)
     impl = _impl(q.device, col_cell, c.slc_block)
     scale = c.head_dim ** -0.5
     num_cols = -(-(k_hi - k_lo) // col_cell)
     values = torch.zeros(-(-(q_hi - q_lo) // row_cell), num_cols, dtype=torch.float32)
-    covered = torch.zeros_like(values) if cover is not None else None
+    covered = torch.zeros_like(values) if block_idx is not None else None
     rows_per_call = _rows_per_call(num_cols, row_cell)
     for lo in range(0, q_hi - q_lo, rows_per_call):
         hi = min(lo + rows_per_call, q_hi - q_lo)
         lse, _ = impl.dense_lse(q[lo:hi], k, scale=scale, q_start=q_lo + lo)
         mass, cov = impl.binned_mass(q[lo:hi], k, lse, scale=scale, q_start=q_lo + lo, k_lo=k_lo, k_hi=k_hi,
-                                     cell=col_cell, cover=cover.rows(lo, hi) if cover else None)  # [rows, 1, C]
+                                     cell=col_cell, block_idx=None if block_idx is None else block_idx[lo:hi],
+                                     slc_block=c.slc_block, window=c.window)  # [rows, 1, C]
         r0 = lo // row_cell  # rows_per_call is a whole number of row cells
         pooled = _pool_rows(mass[:, 0].cpu(), row_cell)
         values[r0:r0 + len(pooled)] += pooled
@@ -261,13 +261,14 @@ def dense_recall(model: NSALM, ids: torch.Tensor, trace: ModelTrace, *, layer: i
     lt = _trace_layer(trace, layer, T)
     a = inputs if inputs is not None else model.attention_inputs(ids, layer)
     q, k = a.q[0], a.k[0]  # [T, HQ, Dk], [T, H, Dk]
-    cover = _Cover(torch.from_numpy(lt.block_idx).to(q.device), c.slc_block, c.window)
+    block_idx = torch.from_numpy(lt.block_idx).to(q.device)  # [T, H, n]
     impl = _impl(q.device)
     out = np.empty((T, c.n_head), dtype=np.float32)
     rows = max(1, _KERNEL_ROWS_ELEMENTS // max(1, c.n_head * T))
     for lo in range(0, T, rows):
         hi = min(lo + rows, T)
-        _, cov = impl.dense_lse(q[lo:hi], k, scale=c.head_dim ** -0.5, q_start=lo, cover=cover.rows(lo, hi))
+        _, cov = impl.dense_lse(q[lo:hi], k, scale=c.head_dim ** -0.5, q_start=lo, block_idx=block_idx[lo:hi],
+                                slc_block=c.slc_block, window=c.window)
         out[lo:hi] = cov.clamp(0.0, 1.0).cpu().numpy()
     return out
 
@@ -351,41 +352,34 @@ def gate_atlas(trace: ModelTrace) -> np.ndarray:
 # The PyTorch path of the two dense passes (the kernels in kernels/dense_maps.py match it) ----------
 
 
-@dataclass(frozen=True)
-class _Cover:
-    """What NSA covered for a range of query rows: block_idx [rows, H, n] plus the window."""
+def _covered_mask(block_idx, slc_block, window, pos, keys, G):
+    """[rows, HQ, S] bool: key in a selected block of the query's KV head or in its window.
 
-    block_idx: torch.Tensor
-    slc_block: int
-    window: int
-
-    def rows(self, lo: int, hi: int) -> _Cover:
-        return _Cover(self.block_idx[lo:hi], self.slc_block, self.window)
-
-    def mask(self, pos: torch.Tensor, keys: torch.Tensor, G: int) -> torch.Tensor:
-        """[rows, HQ, S] bool for queries at pos [rows] and keys [S] (causality not applied)."""
-        idx = self.block_idx.long()  # [rows, H, n]
-        num_slc = int(keys.max()) // self.slc_block + 1 if keys.numel() else 1
-        chosen = torch.zeros(*idx.shape[:2], num_slc + 1, dtype=torch.bool, device=idx.device)
-        # Invalid (-1) and out-of-range ids land in the spare last slot, which no key reads.
-        chosen.scatter_(-1, torch.where((idx >= 0) & (idx < num_slc), idx, num_slc), True)
-        in_block = chosen[:, :, keys // self.slc_block].repeat_interleave(G, 1)  # [rows, HQ, S]
-        in_window = (pos[:, None] - keys[None, :]) < self.window  # [rows, S]
-        return in_block | in_window[:, None, :]
+    block_idx [rows, H, n] (-1 padding), pos [rows] query positions, keys [S] key positions;
+    causality is applied by the caller.
+    """
+    idx = block_idx.long()
+    num_slc = int(keys.max()) // slc_block + 1 if keys.numel() else 1
+    chosen = torch.zeros(*idx.shape[:2], num_slc + 1, dtype=torch.bool, device=idx.device)
+    # Invalid (-1) and out-of-range ids land in the spare last slot, which no key reads.
+    chosen.scatter_(-1, torch.where((idx >= 0) & (idx < num_slc), idx, num_slc), True)
+    in_block = chosen[:, :, keys // slc_block].repeat_interleave(G, 1)  # [rows, HQ, S]
+    in_window = (pos[:, None] - keys[None, :]) < window  # [rows, S]
+    return in_block | in_window[:, None, :]
 
 
 class _TorchDense:
     """Chunked PyTorch version of the two passes; exact in float32 (float64 stays float64)."""
 
     @staticmethod
-    def dense_lse(q, k, *, scale, q_start=0, cover=None):
-        """q [TQ, HQ, Dk] at positions q_start.., k [TK, H, Dk] -> lse [TQ, HQ] float32 and, with a
-        cover, the covered share of each row's mass [TQ, HQ] (else None)."""
+    def dense_lse(q, k, *, scale, q_start=0, block_idx=None, slc_block=1, window=0):
+        """q [TQ, HQ, Dk] at positions q_start.., k [TK, H, Dk] -> lse [TQ, HQ] float32 and, with
+        block_idx [TQ, H, n], the covered share of each row's mass [TQ, HQ] (else None)."""
         TQ, HQ, _ = q.shape
         G = HQ // k.shape[1]
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         lse = torch.empty(TQ, HQ, dtype=dtype, device=q.device)
-        covered = torch.empty_like(lse) if cover is not None else None
+        covered = torch.empty_like(lse) if block_idx is not None else None
         rows = max(1, _CHUNK_ELEMENTS // max(1, HQ * (q_start + TQ)))
         for lo in range(0, TQ, rows):
             hi = min(lo + rows, TQ)
@@ -394,12 +388,13 @@ class _TorchDense:
             s = _scores(q[lo:hi], k[: len(keys)], scale, G).masked_fill(keys > pos[:, None, None], -math.inf)
             lse[lo:hi] = torch.logsumexp(s, -1)
             if covered is not None:
-                inside = cover.rows(lo, hi).mask(pos, keys, G)
+                inside = _covered_mask(block_idx[lo:hi], slc_block, window, pos, keys, G)
                 covered[lo:hi] = torch.exp(s - lse[lo:hi, :, None]).masked_fill(~inside, 0.0).sum(-1)
         return lse.to(torch.float32), (covered.to(torch.float32) if covered is not None else None)
 
     @staticmethod
-    def binned_mass(q, k, lse, *, scale, q_start=0, k_lo=0, k_hi=None, cell=1, cover=None):
+    def binned_mass(q, k, lse, *, scale, q_start=0, k_lo=0, k_hi=None, cell=1, block_idx=None, slc_block=1,
+                    window=0):
         """Dense mass of each query row summed over key cells [k_lo + c*cell, k_lo + (c+1)*cell) ∩ [k_lo, k_hi):
         mass [TQ, HQ, C] float32, C = ceil((k_hi - k_lo) / cell), and the covered part (or None)."""
         TQ, HQ, _ = q.shape
@@ -407,7 +402,7 @@ class _TorchDense:
         k_hi = k.shape[0] if k_hi is None else k_hi
         C = -(-(k_hi - k_lo) // cell)
         mass = torch.zeros(TQ, HQ, C, dtype=torch.float32, device=q.device)
-        covered = torch.zeros_like(mass) if cover is not None else None
+        covered = torch.zeros_like(mass) if block_idx is not None else None
         rows = max(1, _CHUNK_ELEMENTS // max(1, HQ * C * cell))
         for lo in range(0, TQ, rows):
             hi = min(lo + rows, TQ)
@@ -420,7 +415,7 @@ class _TorchDense:
             p = torch.exp(s - lse[lo:hi, :, None].to(s.dtype)).masked_fill(keys > pos[:, None, None], 0.0)
             mass[lo:hi] += _pool_keys(p, cell, C).float()
             if covered is not None:
-                inside = cover.rows(lo, hi).mask(pos, keys, G)
+                inside = _covered_mask(block_idx[lo:hi], slc_block, window, pos, keys, G)
                 covered[lo:hi] += _pool_keys(p.masked_fill(~inside, 0.0), cell, C).float()
         return mass, covered
 
