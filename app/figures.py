@@ -150,14 +150,16 @@ def selection_map(selected: np.ndarray, q_edges: np.ndarray, k_edges: np.ndarray
                   title: str | None = None) -> go.Figure:
     """How often each key cell was chosen by the queries of each query cell, for one layer and KV head.
 
-    selected [R, C]: share of (query, chosen block) pairs landing in the cell by top-n choice, NaN where
-    the keys are all in the queries' future; forced [R, C] (optional): the same share for the blocks
+    selected [R, C]: share of (query, chosen block) pairs landing in the cell by top-n choice (cells in
+    the causal future are drawn as NaN); forced [R, C] (optional): the same share for the blocks
     every query is forced to take (block 0 and the local blocks), drawn in their own hue.
     q_edges [R+1], k_edges [C+1]: token boundaries of the cells. The sliding window of width `window`
     is drawn as a band along the diagonal; `query` marks one query row.
     """
     selected = np.asarray(selected, np.float32)
     _check_map(selected, q_edges, k_edges, "selected")
+    future = future_cells(q_edges, k_edges)
+    selected = np.where(future, np.nan, selected)
     fig = go.Figure()
     fig.add_trace(_heatmap(selected, q_edges, k_edges, colorscale=SELECTION_SCALE, zmin=0, zmax=1, name="top-n",
                            colorbar=dict(title="chosen", thickness=12)))
@@ -165,6 +167,7 @@ def selection_map(selected: np.ndarray, q_edges: np.ndarray, k_edges: np.ndarray
     if forced is not None:
         forced = np.asarray(forced, np.float32)
         _check_map(forced, q_edges, k_edges, "forced")
+        forced = np.where(future, np.nan, forced)
         shown = np.where(forced > 0, forced, np.nan)
         fig.add_trace(_heatmap(shown, q_edges, k_edges, colorscale=[[0, "#E7D4E8"], [1, FORCED_COLOR]], zmin=0, zmax=1,
                                name="forced", showscale=False))
@@ -185,33 +188,42 @@ def selection_map(selected: np.ndarray, q_edges: np.ndarray, k_edges: np.ndarray
     return _layout(fig, title=title, height=520)
 
 
-def nsa_vs_dense(dense: np.ndarray, covered: np.ndarray, missed: np.ndarray, q_edges: np.ndarray,
-                 k_edges: np.ndarray, *, log_scale: bool = True, zoom=None) -> go.Figure:
+def future_cells(q_edges: np.ndarray, k_edges: np.ndarray) -> np.ndarray:
+    """[R, C] bool: cells whose keys all lie after every query of the row (causally invisible)."""
+    return np.asarray(k_edges)[:-1][None, :] > (np.asarray(q_edges)[1:] - 1)[:, None]
+
+
+def nsa_vs_dense(mass: np.ndarray, covered: np.ndarray, q_edges: np.ndarray, k_edges: np.ndarray, *,
+                 log_scale: bool = True, zoom=None) -> go.Figure:
     """Three maps of one query head: dense attention mass, the part NSA covered, the part it missed.
 
-    dense [R, C]: full-attention softmax mass summed into each cell (row sums = 1 per query, so the
-    cell value is the mass of its queries divided by their count); covered [R, C]: the share of that
-    mass inside the chosen blocks or the window; missed [R, C] = mass not covered. NaN = not computed.
-    log_scale shows log10 of the mass (first-token sinks otherwise flatten everything else).
+    mass [R, C]: full-attention softmax mass summed into each cell; covered [R, C]: the part of it
+    inside the chosen blocks or the window. Both are divided by the queries in the row, so a cell
+    shows the mass an average query of the row puts there (each row of the full map sums to 1).
+    Cells in the causal future are NaN. log_scale shows log10 of the mass (first-token sinks
+    otherwise flatten everything else).
     """
-    arrays = [np.asarray(a, np.float32) for a in (dense, covered, missed)]
-    for name, a in zip(("dense", "covered", "missed"), arrays, strict=True):
-        _check_map(a, q_edges, k_edges, name)
-    dense, covered, missed = arrays
+    mass, covered = np.asarray(mass, np.float64), np.asarray(covered, np.float64)
+    _check_map(mass, q_edges, k_edges, "mass")
+    _check_map(covered, q_edges, k_edges, "covered")
+    rows = np.diff(np.asarray(q_edges, np.float64))[:, None]
+    future = future_cells(q_edges, k_edges)
+    dense = np.where(future, np.nan, mass / rows)
+    kept = np.where(future, np.nan, covered / rows)
+    missed = np.where(future, np.nan, np.maximum(dense - kept, 0.0))
     fig = make_subplots(rows=1, cols=3, shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.05,
                         subplot_titles=["dense attention mass", "mass NSA covered", "mass NSA missed"])
-    floor = 1e-6
-    scale = (lambda a: np.log10(np.maximum(a, floor))) if log_scale else (lambda a: a)
+    floor = 1e-5
+    shown = (lambda a: np.log10(np.maximum(a, floor))) if log_scale else (lambda a: a)
     top = float(np.nanmax(dense)) if np.isfinite(dense).any() else 1.0
-    zmax = float(np.log10(max(top, floor))) if log_scale else top
-    zmin = float(np.log10(floor)) if log_scale else 0.0
+    zmin, zmax = (np.log10(floor), np.log10(max(top, floor))) if log_scale else (0.0, top)
     bar = dict(title="log10 mass" if log_scale else "mass", thickness=12)
-    for i, (a, cs) in enumerate(((dense, MASS_SCALE), (covered, MASS_SCALE), (missed, MISS_SCALE))):
-        shown = np.where(np.isnan(a), np.nan, scale(a))
-        fig.add_trace(_heatmap(shown, q_edges, k_edges, colorscale=cs, zmin=zmin, zmax=zmax, showscale=i in (0, 2),
-                               colorbar=dict(bar, x=1.0 if i == 2 else 0.63)), row=1, col=i + 1)
+    for i, (a, scale) in enumerate(((dense, MASS_SCALE), (kept, MASS_SCALE), (missed, MISS_SCALE))):
+        fig.add_trace(_heatmap(np.where(np.isnan(a), np.nan, shown(a)), q_edges, k_edges, colorscale=scale, zmin=zmin,
+                               zmax=zmax, showscale=i != 1, colorbar=dict(bar, x=1.0 if i == 2 else 0.635)),
+                      row=1, col=i + 1)
         suffix = "" if i == 0 else str(i + 1)
-        overlay = _overlay_for_map(a, q_edges, k_edges, {"dense": dense, "covered": covered, "missed": missed},
+        overlay = _overlay_for_map(a, q_edges, k_edges, {"dense": dense, "covered": kept, "missed": missed},
                                    xaxis=f"x{suffix}", yaxis=f"y{suffix}")
         if overlay is not None:
             fig.add_trace(overlay)

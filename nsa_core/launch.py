@@ -18,6 +18,8 @@ APP_SCRIPT = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
 # Read by app/cache.py; empty or unset means "decide at start-up".
 ENV_CHECKPOINT = "NSA_EXPLORER_CHECKPOINT"
 ENV_DEVICE = "NSA_EXPLORER_DEVICE"
+# The app opens server-side paths only under configured roots (nsa_core.safe_paths).
+ENV_ROOTS = "NSA_CHECKPOINT_ROOTS"
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -50,6 +52,11 @@ def app_environment(args: argparse.Namespace) -> dict[str, str]:
     env[ENV_DEVICE] = args.device
     if args.checkpoint:
         env[ENV_CHECKPOINT] = args.checkpoint
+        path = Path(args.checkpoint)
+        if path.exists():
+            # The operator named this checkpoint, so its folder becomes a root the app may open.
+            root = str(path.resolve().parent)
+            env[ENV_ROOTS] = os.pathsep.join(p for p in (env.get(ENV_ROOTS, ""), root) if p)
     else:
         env.pop(ENV_CHECKPOINT, None)
     return env

@@ -1,0 +1,36 @@
+"""NSA Explorer, the Streamlit entry point: `nsa-explorer` (or `streamlit run app/streamlit_app.py`).
+
+This file only sets the page up, restores the view from the URL, loads the session's model into the
+sidebar's run panel and hands over to the chosen page.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+# `streamlit run` puts app/ on sys.path, not the repository root; a source checkout that was never
+# pip-installed still finds the `app` and `nsa_core` packages this way.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from app import session, state  # noqa: E402
+
+st.set_page_config(page_title="NSA Explorer", page_icon=":material/grain:", layout="wide")
+state.load_url_once()
+
+PAGES = [
+    st.Page("pages/explorer.py", title="Explorer", icon=":material/grid_on:", default=True),
+    st.Page("pages/model.py", title="Model", icon=":material/memory:"),
+    st.Page("pages/gates.py", title="Gates", icon=":material/tune:"),
+    st.Page("pages/needle.py", title="Needle", icon=":material/search:"),
+    st.Page("pages/performance.py", title="Performance", icon=":material/speed:"),
+]
+page = st.navigation(PAGES, position="top")
+for note in state.url_notes():
+    st.toast(note, icon=":material/link_off:")
+session.run_panel(session.open_model())
+page.run()
