@@ -91,8 +91,9 @@ class NSAConfig:
         for name in ("init_blocks", "local_blocks"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ConfigError(f"rope_theta ({self.rope_theta}) and norm_eps ({self.norm_eps}) must be > 0")
+        # Written so that NaN fails too (a config JSON may hold NaN or Infinity).
+        if not (0 < self.rope_theta < float("inf") and 0 < self.norm_eps < float("inf")):
+            raise ConfigError(f"rope_theta ({self.rope_theta}) and norm_eps ({self.norm_eps}) must be finite and > 0")
         _one_of("attention", self.attention, ATTENTION_KINDS)
         _one_of("cmp_fn", self.cmp_fn, CMP_FNS)
         _one_of("kv_mode", self.kv_mode, KV_MODES)
