@@ -16,7 +16,7 @@ A trace records batch row 0 only: the analyses explore one input at a time.
 from __future__ import annotations
 
 import io
-import json
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -119,41 +119,55 @@ class ModelTrace:
 
     @classmethod
     def load(cls, path: str | Path | io.IOBase) -> ModelTrace:
-        """Read a trace written by `save`; every inconsistency is a TraceFileError naming the array."""
+        """Read a trace written by `save`; every problem is a TraceFileError naming the array.
+
+        Never unpickles: object arrays are refused.
+        """
+        unreadable = (OSError, EOFError, zipfile.BadZipFile, ValueError)
         try:
             data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise TraceFileError(f"not a trace file (.npz): {err}") from None
+        except unreadable as err:
+            raise TraceFileError(f"not a readable trace file (.npz): {err}") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise TraceFileError("not a trace file: expected an .npz archive, found a single .npy array")
         with data:
-            names = set(data.files)
-            for key in ("format", "version", "config", "token_ids"):
-                if key not in names:
-                    raise TraceFileError(f"not a trace file: the array {key!r} is missing")
-            if str(data["format"]) != TRACE_FORMAT:
-                raise TraceFileError(f"not a trace file: format is {str(data['format'])!r}, expected {TRACE_FORMAT!r}")
-            if int(data["version"]) != TRACE_VERSION:
-                raise TraceFileError(f"trace version {int(data['version'])} is not supported (reads {TRACE_VERSION})")
             try:
-                config = NSAConfig.from_json(str(data["config"]))
-            except ConfigError as err:
-                raise TraceFileError(f"the trace's config is invalid: {err}") from None
-            token_ids = data["token_ids"]
-            if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu":
-                raise TraceFileError(f"token_ids must be a 1-D integer array, got {token_ids.dtype} {token_ids.shape}")
-            T = len(token_ids)
-            expected = _layer_shapes(config, T)
-            layers = []
-            for i in range(config.n_layer):
-                arrays = {}
-                for name, (shape, dtype) in expected.items():
-                    key = f"layer{i}.{name}"
-                    if key not in names:
-                        raise TraceFileError(f"the array {key!r} is missing")
-                    arr = data[key]
-                    if arr.shape != shape or arr.dtype != dtype:
-                        raise TraceFileError(f"{key}: expected {dtype} {shape}, found {arr.dtype} {arr.shape}")
-                    arrays[name] = arr
-                layers.append(LayerTrace(**arrays))
+                return cls._from_arrays(data)
+            except TraceFileError:
+                raise
+            except unreadable as err:  # a damaged member, or an object array that would need pickle
+                raise TraceFileError(f"not a readable trace file (.npz): {err}") from None
+
+    @classmethod
+    def _from_arrays(cls, data: np.lib.npyio.NpzFile) -> ModelTrace:
+        names = set(data.files)
+        for key in ("format", "version", "config", "token_ids"):
+            if key not in names:
+                raise TraceFileError(f"not a trace file: the array {key!r} is missing")
+        if str(data["format"]) != TRACE_FORMAT:
+            raise TraceFileError(f"not a trace file: format is {str(data['format'])!r}, expected {TRACE_FORMAT!r}")
+        if int(data["version"]) != TRACE_VERSION:
+            raise TraceFileError(f"trace version {int(data['version'])} is not supported (this reads {TRACE_VERSION})")
+        try:
+            config = NSAConfig.from_json(str(data["config"]))
+        except ConfigError as err:
+            raise TraceFileError(f"the trace's config is invalid: {err}") from None
+        token_ids = data["token_ids"]
+        if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu":
+            raise TraceFileError(f"token_ids must be a 1-D integer array, found {token_ids.dtype} {token_ids.shape}")
+        expected = _layer_shapes(config, len(token_ids))
+        layers = []
+        for i in range(config.n_layer):
+            arrays = {}
+            for name, (shape, dtype) in expected.items():
+                key = f"layer{i}.{name}"
+                if key not in names:
+                    raise TraceFileError(f"the array {key!r} is missing")
+                arr = data[key]
+                if arr.shape != shape or arr.dtype != dtype:
+                    raise TraceFileError(f"{key}: expected {dtype} {shape}, found {arr.dtype} {arr.shape}")
+                arrays[name] = arr
+            layers.append(LayerTrace(**arrays))
         return cls(config=config, token_ids=token_ids.astype(np.int64), layers=layers)
 
 
