@@ -23,7 +23,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from nsa_core import analysis, checkpoint, safe_paths, sample_models, tokenizer
+from nsa_core import analysis, checkpoint, niah, safe_paths, sample_models, tokenizer
 from nsa_core.model import NSALM, AttentionInputs
 from nsa_core.trace import ModelTrace
 
@@ -132,6 +132,16 @@ def describe_sample(name: str) -> str:
     return f"{kind} · {c.n_layer} layers · d_model {c.d_model} · {c.n_head} query / {c.n_kv_head} KV heads"
 
 
+def dense_twin(config) -> str | None:
+    """The shipped dense-attention checkpoint of the same size as an NSA config, or None."""
+    for name in sample_names():
+        c = checkpoint.read_config(sample_models.sample_model(name))
+        if c.attention == "dense" and (c.d_model, c.n_layer, c.n_head, c.n_kv_head) == \
+                (config.d_model, config.n_layer, config.n_head, config.n_kv_head):
+            return name
+    return None
+
+
 def store_upload(data: bytes) -> str:
     """Keep an uploaded checkpoint in the private upload folder; returns its source string."""
     digest = hashlib.sha256(data).hexdigest()
@@ -183,6 +193,12 @@ def trace_ids(source: str, device: str, dtype: str, ids: tuple[int, ...]) -> Tra
     with torch.inference_mode():
         _, trace = loaded.model(torch.tensor([ids], device=loaded.model.device), trace=True)
     return TraceRun(trace=trace, seconds=time.perf_counter() - start)
+
+
+@st.cache_resource(show_spinner="Reading the held-out haystack…")
+def heldout_haystack() -> np.ndarray:
+    """Byte tokens of the held-out standard-library files (text the shipped models never trained on)."""
+    return niah.load_haystack(niah.HELDOUT)
 
 
 def _ids_tensor(loaded: LoadedModel, ids: tuple[int, ...]) -> torch.Tensor:
@@ -248,8 +264,47 @@ def query_detail(source: str, device: str, dtype: str, ids: tuple[int, ...], lay
         return analysis.query_detail(loaded.model, _ids_tensor(loaded, ids), layer=layer, query=query, inputs=inputs)
 
 
+def find_phrase(ids: tuple[int, ...], phrase: str) -> tuple[int, int] | None:
+    """Inclusive token range of the first occurrence of phrase in ids (byte tokens), or None."""
+    needle = tokenizer.encode(phrase)
+    if not needle:
+        return None
+    at = bytes(i if i < 256 else 0 for i in ids).find(bytes(needle))
+    return None if at < 0 else (at, at + len(needle) - 1)
+
+
 @st.cache_data(max_entries=32, show_spinner=False)
 def gate_stats(source: str, device: str, dtype: str, ids: tuple[int, ...], layer: int,
                token_range: tuple[int, int] | None) -> analysis.GateStats:
     trace = trace_ids(source, device, dtype, ids).trace
     return analysis.gate_stats(trace, layer=layer, token_range=token_range)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def generate_answer(source: str, device: str, dtype: str, ids: tuple[int, ...], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of ids (stops at <eos>), cached per model and prompt."""
+    loaded = load_model(source, device, dtype)
+    with torch.inference_mode():
+        out = loaded.model.generate(_ids_tensor(loaded, ids), max_new_tokens=max_new_tokens,
+                                    stop_token=tokenizer.EOS)
+    return out[0].tolist()
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def needle_selection(source: str, device: str, dtype: str, ids: tuple[int, ...],
+                     needle_span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """At the last query (where the answer starts), per layer and KV head: was a block holding the needle
+    chosen (hit [L, H] bool), and the best rank of such a block by importance (rank [L, H], 0 = first)."""
+    trace = trace_ids(source, device, dtype, ids).trace
+    c = trace.config
+    query = len(ids) - 1
+    needle_blocks = np.arange(needle_span[0] // c.slc_block, needle_span[1] // c.slc_block + 1)
+    hit = np.zeros((c.n_layer, c.n_kv_head), dtype=bool)
+    rank = np.zeros((c.n_layer, c.n_kv_head), dtype=np.int64)
+    for layer in range(c.n_layer):
+        chosen = trace.layers[layer].block_idx[query]  # [H, n]
+        importance = query_detail(source, device, dtype, ids, layer, query).block_importance  # [H, Ns]
+        for h in range(c.n_kv_head):
+            hit[layer, h] = np.isin(needle_blocks, chosen[h]).any()
+            rank[layer, h] = min(int((importance[h] > importance[h, b]).sum()) for b in needle_blocks)
+    return hit, rank

@@ -333,29 +333,41 @@ def gate_bars(gates: np.ndarray, *, query: int) -> go.Figure:
 
 # Gates page ----------------------------------------------------------------------------------------
 
-def gate_distributions(gates: np.ndarray, *, layer: int) -> go.Figure:
-    """Distribution of each branch's gate over every token and query head of a layer; gates [T, HQ, 3]."""
-    gates = np.asarray(gates, np.float32)
-    bins = dict(start=0.0, end=1.0, size=0.02)
-    fig = go.Figure([go.Histogram(x=gates[..., i].ravel(), name=f"g_{b}", xbins=bins, marker_color=BRANCH_COLORS[b],
-                                  opacity=0.6, histnorm="probability") for i, b in enumerate(BRANCHES)])
+def gate_distributions(hist_edges: np.ndarray, hist: np.ndarray, *, layer: int) -> go.Figure:
+    """Share of (token, head) pairs per gate value, one curve per branch.
+
+    hist_edges [bins + 1] over [0, 1]; hist [3, bins] counts in (cmp, slc, win) order.
+    """
+    hist = np.asarray(hist, np.float64)
+    if hist.ndim != 2 or hist.shape[0] != 3 or len(hist_edges) != hist.shape[1] + 1:
+        raise ValueError(f"hist must be [3, bins] with bins + 1 edges, got {hist.shape} and {len(hist_edges)} edges")
+    centres = (np.asarray(hist_edges[:-1]) + np.asarray(hist_edges[1:])) / 2
+    share = hist / np.maximum(hist.sum(1, keepdims=True), 1)
+    fig = go.Figure([go.Bar(x=centres, y=share[i], name=f"g_{b}", marker_color=BRANCH_COLORS[b], opacity=0.65,
+                            width=float(np.diff(hist_edges).mean()),
+                            hovertemplate="g_" + b + " ≈ %{x:.2f}: %{y:.1%}<extra></extra>")
+                     for i, b in enumerate(BRANCHES)])
     fig.update_layout(barmode="overlay", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
     fig.update_xaxes(title_text="gate value", range=[0, 1])
-    fig.update_yaxes(title_text="share of (token, head)")
+    fig.update_yaxes(title_text="share of (token, head)", tickformat=".0%")
     return _layout(fig, title=f"layer {layer}: gate distributions", height=320)
 
 
-def gate_violins(per_layer: Sequence[np.ndarray]) -> go.Figure:
-    """Per-layer distribution of each gate (pooled over tokens and heads); per_layer[l] [N_l, 3]."""
-    fig = go.Figure()
-    for i, b in enumerate(BRANCHES):
-        xs = np.concatenate([np.full(len(v), layer) for layer, v in enumerate(per_layer)])
-        ys = np.concatenate([np.asarray(v, np.float32)[:, i] for v in per_layer])
-        fig.add_trace(go.Box(x=xs, y=ys, name=f"g_{b}", marker_color=BRANCH_COLORS[b], boxpoints=False))
+def gate_boxes(quantiles: np.ndarray, *, layer: int) -> go.Figure:
+    """Per query head, each gate's spread over the tokens as a box from precomputed quantiles.
+
+    quantiles [5, HQ, 3] at levels (0.05, 0.25, 0.5, 0.75, 0.95): whiskers at 5 % and 95 %.
+    """
+    qs = np.asarray(quantiles, np.float32)
+    if qs.ndim != 3 or qs.shape[0] != 5 or qs.shape[2] != 3:
+        raise ValueError(f"quantiles must be [5, heads, 3], got shape {qs.shape}")
+    heads = [f"head {h}" for h in range(qs.shape[1])]
+    fig = go.Figure([go.Box(x=heads, lowerfence=qs[0, :, i], q1=qs[1, :, i], median=qs[2, :, i], q3=qs[3, :, i],
+                            upperfence=qs[4, :, i], name=f"g_{b}", marker_color=BRANCH_COLORS[b])
+                     for i, b in enumerate(BRANCHES)])
     fig.update_layout(boxmode="group", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
-    fig.update_xaxes(title_text="layer", dtick=1)
-    fig.update_yaxes(title_text="gate value", range=[0, 1])
-    return _layout(fig, title="gate distribution per layer (all tokens and heads)", height=340)
+    fig.update_yaxes(title_text="gate value (5–95 % whiskers)", range=[0, 1])
+    return _layout(fig, title=f"layer {layer}: gate spread per query head", height=340)
 
 
 def gates_along_position(positions: np.ndarray, mean: np.ndarray, *, low: np.ndarray | None = None,

@@ -15,6 +15,9 @@ from nsa_core.launch import ENV_CHECKPOINT, ENV_DEVICE
 
 from . import cache
 
+# Longest input a page offers: the CPU reference is quadratic in places and slow past a few thousand tokens.
+CPU_TOKEN_LIMIT = 8192
+GPU_TOKEN_LIMIT = 65536
 _LAST_GOOD = "_last_good_ckpt"
 _THIS_RUN = "_loaded_model"
 
@@ -31,6 +34,10 @@ def default_source() -> str:
 
 def device_choice() -> cache.DeviceChoice:
     return cache.choose_device(os.environ.get(ENV_DEVICE, "auto") or "auto")
+
+
+def token_limit() -> int:
+    return GPU_TOKEN_LIMIT if device_choice().device == "cuda" else CPU_TOKEN_LIMIT
 
 
 def open_model() -> cache.LoadedModel | None:

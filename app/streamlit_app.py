@@ -17,10 +17,11 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from app import session, state  # noqa: E402
+from app import inputs, session, state  # noqa: E402
 
 st.set_page_config(page_title="NSA Explorer", page_icon=":material/grain:", layout="wide")
 state.load_url_once()
+inputs.keep_inputs()
 
 PAGES = [
     st.Page("pages/explorer.py", title="Explorer", icon=":material/grid_on:", default=True),

@@ -11,12 +11,10 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import cache, figures, session, snippets, state, texts, widgets
+from app import cache, figures, inputs, session, snippets, state, widgets
 from app.state import Zoom
 from nsa_core import analysis, masks, tokenizer
 
-CPU_TOKEN_LIMIT = 8192
-GPU_TOKEN_LIMIT = 65536
 MAP_CELLS = 64  # cells per side of a clickable map (the overlay then has at most 64 x 64 markers)
 VIEW_KEYS = ("ckpt", "layer", "head", "query", "zoom")
 
@@ -28,42 +26,8 @@ if config.attention != "nsa":
             "Open an NSA checkpoint on the **Model** page.")
     st.stop()
 choice = session.device_choice()
-limit = GPU_TOKEN_LIMIT if choice.device == "cuda" else CPU_TOKEN_LIMIT
-
-# Input ---------------------------------------------------------------------------------------------
-with st.container(border=True):
-    left, right = st.columns([3, 1])
-    with left:
-        kind = st.segmented_control("Input", ["Source file", "Passkey prompt", "Paste", "Upload"], key="text_kind",
-                                    default="Source file", required=True)
-    with right:
-        max_tokens = st.number_input("Max tokens", min_value=64, max_value=limit, value=min(2048, limit), step=256,
-                                     key="max_tokens", help=f"Longer inputs are cut. Limit here: {limit} tokens "
-                                     f"({choice.device.upper()}).")
-    needle_span = None
-    if kind == "Source file":
-        files = texts.source_files()
-        name = st.selectbox("Python standard-library module", list(files), key="text_file")
-        ids, cut = cache.encode_text(texts.read_source(files[name]), max_tokens)
-    elif kind == "Passkey prompt":
-        c1, c2 = st.columns(2)
-        depth = c1.slider("Needle depth", 0.0, 1.0, 0.3, 0.05, key="text_depth")
-        seed = c2.number_input("Seed", 0, 10_000, 0, key="text_seed")
-        prompt = texts.passkey_prompt(max(256, int(max_tokens)), depth, seed=int(seed))
-        ids, cut, needle_span = prompt.ids[:max_tokens], False, prompt.needle_span
-        st.caption(f"Hidden pass key: **{prompt.key}** (tokens {needle_span[0]}–{needle_span[1]}).")
-    elif kind == "Paste":
-        pasted = st.text_area("Text", key="text_paste", height=160, placeholder="Paste any text…")
-        ids, cut = cache.encode_text(pasted, max_tokens)
-    else:
-        upload = st.file_uploader("Text file", type=["txt", "py", "md", "json", "csv", "c", "h", "rs", "js"],
-                                  key="text_upload", max_upload_size=8)
-        ids, cut = cache.encode_text(upload.getvalue().decode("utf-8", errors="replace") if upload else "", max_tokens)
-    if cut:
-        st.caption(f"The text was cut to its first {max_tokens} tokens.")
-if len(ids) < 2:
-    st.info("Give the model some text to read.")
-    st.stop()
+model_input = inputs.input_panel(session.token_limit())
+ids, needle_span = model_input.ids, model_input.needle_span
 
 with st.spinner(f"Tracing {len(ids)} tokens through {config.n_layer} layers…"):
     run = cache.trace_ids(loaded.source, choice.device, choice.dtype, ids)
