@@ -1,0 +1,180 @@
+"""Flash-attention forward where each query row attends to one contiguous key interval [lo, hi).
+
+Serves two NSA branches, chosen by the compile-time MODE:
+- MODE_CMP, compressed attention: row at absolute position t sees compressed tokens [0, N(t)) with
+  N(t) = floor((t + 1 - l) / d) + 1 (0 while t < l - 1), i.e. token i iff i*d + l - 1 <= t;
+- MODE_WIN, sliding window: row at t sees raw keys [t - w + 1, t] (w keys, itself included).
+Rows that see no key (compressed branch, t < l - 1) write o = 0 and lse = -inf, never NaN.
+
+GQA packing: one program owns BLOCK_R rows = BT consecutive queries x the G query heads of one KV
+head (row r -> query r // G, head r % G), so each K/V tile is loaded once for all G heads and the
+tensor-core M dimension is full for any G from 1 to 64 (for G = 3, BLOCK_R = 64 holds 21 queries
+and one idle row). The window kernel can also apply the gated sum (Eq. 5) in its epilogue, reading
+o_cmp, o_slc and the gates, which saves a pass over the outputs.
+
+Shapes: q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], Dk and Dv up to 256 and independent
+(192 is padded to a 256 tile with masked loads); any TQ <= TK, per-batch query offsets (q_start).
+Tested: float32 under TRITON_INTERPRET=1 (Triton 3.9, small shapes, G in 1, 3, 4, 16) and bfloat16
+on an NVIDIA H100 (Triton 3.6) up to T = 16k, Dk 128 and 192. Known limits: forward only; every
+row is masked (no separate unmasked fast path), which costs some ALU work on long intervals.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, dot_precision, last_dim_contiguous, pow2
+
+MODE_CMP = 0
+MODE_WIN = 1
+
+
+@triton.jit
+def _row_interval(pos, TK, MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, WINDOW):
+    """Key interval [lo, hi) of a query at absolute position pos (any shape)."""
+    if MODE == 0:
+        seen = tl.where(pos + 1 >= CMP_BLOCK, (pos + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+        lo = tl.zeros_like(pos)
+        hi = tl.minimum(seen, TK)
+    else:
+        lo = tl.maximum(pos - WINDOW + 1, 0)
+        hi = tl.minimum(pos + 1, TK)
+    return lo, hi
+
+
+@triton.jit(do_not_specialize=["TQ", "TK", "WINDOW"])
+def _interval_attn_fwd_kernel(
+    Q, K, V, O, LSE, POS0, GATES, O_CMP, O_SLC, O_WIN,
+    scale_log2, TQ, TK, H, WINDOW,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+    G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FUSE_GATE: tl.constexpr, STORE_WIN: tl.constexpr, PREC: tl.constexpr,
+):
+    BT: tl.constexpr = BLOCK_R // G  # queries per program
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    HQ = H * G
+    t0 = pid_t * BT
+
+    r = tl.arange(0, BLOCK_R)
+    t = t0 + r // G  # [R] query index
+    hq = h * G + r % G  # [R] query head
+    row_ok = (r < BT * G) & (t < TQ)
+    pos0 = tl.load(POS0 + b)
+    pos = pos0 + t  # [R] absolute positions
+    lo, hi = _row_interval(pos, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW)
+    hi = tl.where(row_ok, hi, 0)
+
+    # Key range of the whole tile: rows are in position order, so first and last valid rows bound it.
+    first = pos0 + t0
+    last = pos0 + tl.minimum(t0 + BT, TQ) - 1
+    k_lo, _ = _row_interval(first, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW)
+    _, k_hi = _row_interval(last, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW)
+    k_lo = (k_lo // BLOCK_N) * BLOCK_N
+
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    b64 = b.to(tl.int64)
+    q_ptrs = Q + b64 * sqb + t.to(tl.int64)[:, None] * sqt + hq[:, None] * sqh + dk[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)  # [R, BDK]
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    k_base = K + b64 * skb + h * skh
+    v_base = V + b64 * svb + h * svh
+    for start in range(k_lo, k_hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)  # [N]
+        n_ok = n < k_hi
+        n64 = n.to(tl.int64)
+        kt = tl.load(k_base + n64[None, :] * skt + dk[:, None], mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, N]
+        visible = (n[None, :] >= lo[:, None]) & (n[None, :] < hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; shifting by 0 then gives exp2(-inf) = 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + n64[:, None] * svt + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
+
+    nonempty = l_i > 0
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # [R, BDV]; empty rows stay exactly 0
+    row64 = ((b64 * TQ + t) * HQ + hq).to(tl.int64)  # outputs are contiguous [B, TQ, HQ, ...]
+    out_mask = row_ok[:, None] & (dv[None, :] < DV)
+    out_ptrs = row64[:, None] * DV + dv[None, :]
+    if WRITE_LSE:
+        lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(LSE + row64, lse, mask=row_ok)
+    if FUSE_GATE:
+        o_win = o.to(O.dtype.element_ty)
+        if STORE_WIN:
+            tl.store(O_WIN + out_ptrs, o_win, mask=out_mask)
+        g_cmp = tl.load(GATES + row64 * 3, mask=row_ok, other=0.0).to(tl.float32)
+        g_slc = tl.load(GATES + row64 * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
+        g_win = tl.load(GATES + row64 * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
+        o_cmp = tl.load(O_CMP + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        o_slc = tl.load(O_SLC + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        o = g_cmp[:, None] * o_cmp + g_slc[:, None] * o_slc + g_win[:, None] * o_win.to(tl.float32)
+    tl.store(O + out_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
+
+
+def _launch_config(G: int, dk: int, dv: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_N, num_warps, num_stages): 128 packed rows for the tensor cores when registers allow."""
+    wide = max(pow2(dk), pow2(dv)) > 128
+    block_r = max(64 if wide else 128, pow2(G))
+    block_n = 32 if wide else 64
+    if not on_gpu:  # the interpreter's cost grows with tile size, not with the number of programs
+        return max(64, pow2(G)), 32, 4, 1
+    return block_r, block_n, 8, 2 if wide else 3
+
+
+def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1, window=1, want_lse=False,
+                       gates=None, o_cmp=None, o_slc=None, store_win=False):
+    """Launch the interval kernel.
+
+    q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], pos0 [B] int64 absolute position of query 0.
+    Returns o [B, TQ, HQ, Dv] (the gated sum when gates are given), then lse [B, TQ, HQ] float32 when
+    want_lse, then o_win when store_win.
+    """
+    B, TQ, HQ, DK = q.shape
+    TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
+    G = HQ // H
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    o = torch.empty(B, TQ, HQ, DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32) if want_lse else o
+    fuse = gates is not None
+    o_win = torch.empty_like(o) if (fuse and store_win) else o
+    if fuse:
+        gates, o_cmp, o_slc = gates.contiguous(), o_cmp.contiguous(), o_slc.contiguous()
+    else:
+        gates = o_cmp = o_slc = o
+    block_r, block_n, warps, stages = _launch_config(G, DK, DV, q.is_cuda)
+    bt = block_r // G
+    if B * TQ and HQ:
+        grid = (triton.cdiv(TQ, bt), B * H)
+        _interval_attn_fwd_kernel[grid](
+            q, k, v, o, lse, pos0, gates, o_cmp, o_slc, o_win,
+            scale * LOG2E, TQ, TK, H, window,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            G=G, BLOCK_R=block_r, BLOCK_N=block_n, DK=DK, DV=DV, BLOCK_DK=pow2(DK, 16), BLOCK_DV=pow2(DV, 16),
+            MODE=mode, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+            WRITE_LSE=want_lse, FUSE_GATE=fuse, STORE_WIN=fuse and store_win, PREC=dot_precision(q.dtype),
+            num_warps=warps, num_stages=stages,
+        )
+    out = [o]
+    if want_lse:
+        out.append(lse)
+    if fuse and store_win:
+        out.append(o_win)
+    return out[0] if len(out) == 1 else tuple(out)

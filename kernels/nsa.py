@@ -1,0 +1,62 @@
+"""The whole NSA attention of one layer on the kernels, in paper order (design.md, spec section 2.7).
+
+1. compressed branch: o_cmp and its lse (interval kernel, MODE_CMP);
+2. block selection: scores, remap, group sum, forced blocks and top-n in one kernel (select.py);
+3. selected branch (selected.py);
+4. sliding window with the gated sum of Eq. 5 fused into its epilogue (window.py).
+The sum's output is bit-identical with and without return_parts: the same kernel runs and only
+additionally stores o_win.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nsa_core.reference import NSAParts
+
+from .common import check_qkv, forward_only, query_starts, resolve_scale
+from .interval_attention import MODE_CMP, interval_attention
+from .select import _select, check_selection_config
+from .selected import run_selected
+from .window import window_gated_sum
+
+
+def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=None, k_win=None, v_win=None,
+                  return_parts=False):
+    """q [B, TQ, HQ, Dk] (rotated), k/v [B, TK, H, D], k_cmp/v_cmp [B, Tc, H, D], gates [B, TQ, HQ, 3].
+
+    k_win/v_win: the window branch's own keys and values (default k and v). q_start None means the
+    queries are the last TQ of the TK keys. Returns o [B, TQ, HQ, Dv], or NSAParts when return_parts.
+    """
+    k_win = k if k_win is None else k_win
+    v_win = v if v_win is None else v_win
+    forward_only(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
+    check_qkv(q, k, v)
+    check_qkv(q, k_cmp, v_cmp, k_name="k_cmp", v_name="v_cmp")
+    check_qkv(q, k_win, v_win, k_name="k_win", v_name="v_win")
+    B, TQ, HQ, _ = q.shape
+    if gates.shape != (B, TQ, HQ, 3):
+        raise ValueError(f"gates must be [B, TQ, HQ, 3] = {(B, TQ, HQ, 3)}, got {tuple(gates.shape)}")
+    if k_cmp.shape[2] != k.shape[2] or k_win.shape[1] != k.shape[1] or k_win.shape[2] != k.shape[2]:
+        raise ValueError("k, k_cmp and k_win must have the same KV heads, and k_win the same length as k")
+    c = config
+    check_selection_config(c.cmp_block, c.cmp_stride, c.slc_block, c.top_n, c.init_blocks, c.local_blocks)
+    scale = resolve_scale(q, scale)
+    pos0 = query_starts(q_start, B, k.shape[1] - TQ, q.device)
+    with torch.no_grad():
+        # 1. compressed branch
+        o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, cmp_block=c.cmp_block,
+                                        cmp_stride=c.cmp_stride, want_lse=True)
+        # 2. top-n selection from the compressed branch's probabilities
+        block_idx = _select(q, k_cmp, lse, pos0, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
+                            slc_block=c.slc_block, top_n=c.top_n, scale=scale, init_blocks=c.init_blocks,
+                            local_blocks=c.local_blocks)
+        # 3. selected branch
+        o_slc = run_selected(q, k, v, block_idx, pos0, slc_block=c.slc_block, scale=scale)
+        # 4. sliding window, 5. gated sum
+        out = window_gated_sum(q, k_win, v_win, gates, o_cmp, o_slc, pos0, window=c.window, scale=scale,
+                               store_win=return_parts)
+    if not return_parts:
+        return out
+    o, o_win = out
+    return NSAParts(o, o_cmp, o_slc, o_win, lse, block_idx)

@@ -1,0 +1,206 @@
+"""Block selection (Eq. 8-12) in one kernel: scores, overlap remap, group sum, forced blocks, online top-n.
+
+For each query t and KV head h, with p_cmp = exp(q . k_cmp * scale - lse) over the visible compressed
+tokens (lse from the compressed branch; rows with lse = -inf contribute nothing):
+  score[j] = sum_{g in group h} sum_i p_cmp[g, i] * |C_i ∩ S_j| / d      (Eq. 9 overlap form, Eq. 10)
+then blocks 0..init-1 and c-local+1..c (c = t // l') are forced, blocks after c are excluded, and the
+n best are written ascending with -1 padding: block_idx [B, TQ, H, n] int32.
+
+No [T, Tc] or [T, Ns] matrix is ever stored. One program owns BT queries x the G heads of one KV head
+(row r -> query r // GP, head r % GP, GP = G rounded up to a power of two so that the group sum is
+a reshape). It walks the candidate blocks in chunks of NB, reading the NB * l'/d compressed keys that
+start inside them; the last l/d - 1 of those also overlap the next chunk's first block, and that
+share is carried over in a [BT] register instead of re-reading keys. Each chunk's NB scores are
+merged into a running top-n list by n rounds of "take the largest remaining key of either list",
+which keeps the state at [BT, n] whatever the sequence length. Score and block id travel packed in
+one int64 (score bits high, so that integer order is score order for the non-negative scores;
+~id low, so that keys are unique and ties go to the lower block id, like the reference's stable
+sort). Excluded blocks get key -1.
+
+Shapes: any G from 1 to 64, Dk up to 256, any T, TQ < TK with q_start (int or [B]), l/d and l'/d any
+positive integers with l - d <= l'. Tested: float32 under TRITON_INTERPRET=1 (Triton 3.9) and
+bfloat16 on an NVIDIA H100 (Triton 3.6) up to T = 16k. Known limits: forward only; fewer than 2^20
+selection blocks; a NaN score (from NaN inputs) is ranked above every finite one instead of raising.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, check_qkv, dot_precision, forward_only, last_dim_contiguous, pow2, query_starts, \
+    resolve_scale
+
+ID_BITS = 20  # block ids live in the low bits of the packed sort key
+MAX_BLOCKS = 1 << ID_BITS
+
+
+@triton.jit(do_not_specialize=["TQ", "TC"])
+def _select_blocks_kernel(
+    Q, KC, LSE, POS0, IDX,
+    scale_log2, TQ, TC, H,
+    sqb, sqt, sqh, skb, skt, skh, slb, slt, slh,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
+    TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, BC: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    R: tl.constexpr = BT * GP
+    PER_BLOCK: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
+    SPAN: tl.constexpr = CMP_BLOCK // CMP_STRIDE  # stride units one compressed token covers
+    CHUNK: tl.constexpr = NB * PER_BLOCK  # compressed tokens starting in one chunk of NB blocks (<= BC)
+    ID_MASK: tl.constexpr = (1 << 20) - 1
+
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    t0 = pid_t * BT
+    b64 = b.to(tl.int64)
+    pos0 = tl.load(POS0 + b)
+
+    # Rows: (query, head) pairs.
+    r = tl.arange(0, R)
+    t_row = t0 + r // GP
+    g_row = r % GP
+    row_ok = (g_row < G) & (t_row < TQ)
+    pos_row = pos0 + t_row
+    seen_row = tl.where(pos_row + 1 >= CMP_BLOCK, (pos_row + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+    dk = tl.arange(0, BLOCK_DK)
+    q = tl.load(Q + b64 * sqb + t_row.to(tl.int64)[:, None] * sqt + (h * G + g_row)[:, None] * sqh + dk[None, :],
+                mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)  # [R, BDK]
+    lse = tl.load(LSE + b64 * slb + t_row.to(tl.int64) * slt + (h * G + g_row) * slh, mask=row_ok,
+                  other=float("-inf")) * 1.4426950408889634
+    row_live = row_ok & (lse > float("-inf"))
+    lse = tl.where(row_live, lse, 0.0)
+
+    # Queries of this tile.
+    tq = t0 + tl.arange(0, BT)
+    tq_ok = tq < TQ
+    cur = (pos0 + tq) // SLC_BLOCK  # [BT] the query's own block c
+    last_block = (pos0 + tl.minimum(t0 + BT, TQ) - 1) // SLC_BLOCK
+
+    # Eq. 9 weights in stride units, chunk-local: compressed token i covers units [i, i + SPAN), block jl
+    # covers units [jl * PER_BLOCK, (jl + 1) * PER_BLOCK). Column NB is the next chunk's first block.
+    i_loc = tl.arange(0, BC)
+    jl = tl.arange(0, NB)
+    w = tl.minimum(i_loc[:, None] + SPAN, (jl[None, :] + 1) * PER_BLOCK) - tl.maximum(i_loc[:, None], jl[None, :] * PER_BLOCK)
+    w = tl.where(i_loc[:, None] < CHUNK, tl.maximum(w, 0), 0).to(tl.float32)  # [BC, NB]
+    w_next = tl.minimum(i_loc + SPAN, (NB + 1) * PER_BLOCK) - tl.maximum(i_loc, NB * PER_BLOCK)
+    w_next = tl.where(i_loc < CHUNK, tl.maximum(w_next, 0), 0).to(tl.float32)  # [BC]
+
+    carry = tl.zeros([BT], tl.float32)
+    col = tl.arange(0, NP)
+    top = tl.full([BT, NP], -1, tl.int64)  # packed keys of the best blocks so far, -1 = empty
+    kc_base = KC + b64 * skb + h * skh
+    for j0 in range(0, last_block + 1, NB):
+        i = j0 * PER_BLOCK + i_loc  # [BC] compressed token ids
+        i_ok = (i_loc < CHUNK) & (i < TC)
+        kt = tl.load(kc_base + i.to(tl.int64)[None, :] * skt + dk[:, None], mask=i_ok[None, :] & (dk[:, None] < DK),
+                     other=0.0)  # [BDK, BC]
+        s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, BC]
+        live = row_live[:, None] & i_ok[None, :] & (i[None, :] < seen_row[:, None])
+        p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.sum(tl.reshape(p, [BT, GP, BC]), 1)  # [BT, BC] group sum (Eq. 10)
+        if BT >= 16:
+            blk = tl.dot(p, w, input_precision="ieee")  # [BT, NB]
+        else:
+            blk = tl.sum(p[:, :, None] * w[None, :, :], 1)
+        blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
+        carry = tl.sum(p * w_next[None, :], 1)
+
+        j = j0 + jl  # [NB] global block ids
+        forced = (j[None, :] < INIT) | ((j[None, :] > cur[:, None] - LOCAL) & (j[None, :] <= cur[:, None]))
+        score = tl.where(forced, float("inf"), blk)
+        key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 20) | (ID_MASK - j)[None, :]
+        key = tl.where(j[None, :] <= cur[:, None], key, -1)
+        # Merge: TOP_N rounds of "take the largest remaining key of either list"; keys are unique.
+        merged = tl.full([BT, NP], -1, tl.int64)
+        for slot in tl.static_range(TOP_N):
+            best = tl.maximum(tl.max(top, 1), tl.max(key, 1))[:, None]
+            merged = tl.where(col[None, :] == slot, best, merged)
+            top = tl.where(top == best, -1, top)
+            key = tl.where(key == best, -1, key)
+        top = merged
+
+    # Ascending ids, then -1: TOP_N rounds of "take the smallest remaining id".
+    ids = tl.where(top >= 0, ID_MASK - (top & ID_MASK), ID_MASK + 1)
+    out_ids = tl.full([BT, NP], -1, tl.int32)
+    for slot in tl.static_range(TOP_N):
+        least = tl.min(ids, 1)[:, None]
+        out_ids = tl.where(col[None, :] == slot, tl.where(least > ID_MASK, -1, least).to(tl.int32), out_ids)
+        ids = tl.where(ids == least, ID_MASK + 1, ids)
+    out = IDX + ((b64 * TQ + tq) * H + h)[:, None] * TOP_N + col[None, :]
+    tl.store(out, out_ids, mask=tq_ok[:, None] & (col[None, :] < TOP_N))
+
+
+
+def _launch_config(G: int, dk: int, top_n: int, per_block: int, on_gpu: bool):
+    gp = pow2(G)
+    nb = 16
+    # Chunks of about 64..128 compressed keys keep the score tile [R, BC] in registers.
+    while nb * per_block < 64 and on_gpu:
+        nb *= 2
+    bc = pow2(nb * per_block, 16)
+    if not on_gpu:  # the interpreter pays per operation, not per element: few, large programs
+        return gp, max(1, 64 // gp), nb, bc, 4, 1
+    rows = 64 if max(pow2(dk), bc) > 128 else 128
+    bt = max(1, rows // gp)
+    return gp, bt, nb, bc, 8, 2
+
+
+def select_blocks(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, top_n, scale=None, q_start=None,
+                  init_blocks=1, local_blocks=2):
+    """q [B, TQ, HQ, Dk], k_cmp [B, Tc, H, Dk], lse [B, TQ, HQ] -> block_idx [B, TQ, H, n] int32.
+
+    Valid ids ascending, -1 padding at the end. q_start None means the queries start at position 0.
+    """
+    forward_only(q, k_cmp)
+    check_qkv(q, k_cmp, k_cmp, k_name="k_cmp", v_name="k_cmp")
+    B, TQ, HQ, DK = q.shape
+    TC, H = k_cmp.shape[1], k_cmp.shape[2]
+    if lse.shape != (B, TQ, HQ):
+        raise ValueError(f"lse must be [B, TQ, HQ] = {(B, TQ, HQ)}, got {tuple(lse.shape)}")
+    check_selection_config(cmp_block, cmp_stride, slc_block, top_n, init_blocks, local_blocks)
+    pos0 = query_starts(q_start, B, 0, q.device)
+    return _select(q, k_cmp, lse, pos0, cmp_block=cmp_block, cmp_stride=cmp_stride, slc_block=slc_block,
+                   top_n=top_n, scale=resolve_scale(q, scale), init_blocks=init_blocks, local_blocks=local_blocks)
+
+
+def check_selection_config(cmp_block, cmp_stride, slc_block, top_n, init_blocks, local_blocks):
+    if min(cmp_block, cmp_stride, slc_block, top_n) < 1 or min(init_blocks, local_blocks) < 0:
+        raise ValueError(f"block sizes and top_n must be >= 1 (got l={cmp_block}, d={cmp_stride}, l'={slc_block}, "
+                         f"n={top_n}) and forced block counts >= 0")
+    if cmp_block % cmp_stride or slc_block % cmp_stride:
+        raise ValueError(f"cmp_stride d ({cmp_stride}) must divide cmp_block l ({cmp_block}) and slc_block l' "
+                         f"({slc_block})")
+    if cmp_block - cmp_stride > slc_block:
+        raise ValueError(f"the selection kernel needs l - d <= l' (got l={cmp_block}, d={cmp_stride}, "
+                         f"l'={slc_block}): a compressed token may overlap at most two selection blocks")
+    if top_n > 256:
+        raise ValueError(f"top_n ({top_n}) exceeds the kernel's limit of 256")
+
+
+def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, scale, init_blocks, local_blocks):
+    B, TQ, HQ, DK = q.shape
+    TC, H = k_cmp.shape[1], k_cmp.shape[2]
+    G = HQ // H
+    last_pos = int(pos0.max()) + TQ - 1 if B * TQ else 0
+    if last_pos // slc_block >= MAX_BLOCKS:
+        raise ValueError(f"{last_pos + 1} tokens make more than {MAX_BLOCKS} selection blocks of {slc_block}")
+    q, k_cmp = last_dim_contiguous(q), last_dim_contiguous(k_cmp)
+    lse = lse.float()
+    idx = torch.empty(B, TQ, H, top_n, device=q.device, dtype=torch.int32)
+    gp, bt, nb, bc, warps, stages = _launch_config(G, DK, top_n, slc_block // cmp_stride, q.is_cuda)
+    if B * TQ * H:
+        grid = (triton.cdiv(TQ, bt), B * H)
+        _select_blocks_kernel[grid](
+            q, k_cmp, lse, pos0, idx, scale * LOG2E, TQ, TC, H,
+            q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            G=G, GP=gp, BT=bt, DK=DK, BLOCK_DK=pow2(DK, 16), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+            SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, BC=bc, INIT=init_blocks, LOCAL=local_blocks,
+            PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        )
+    return idx
