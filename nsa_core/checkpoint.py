@@ -413,7 +413,7 @@ def _entry(path: Path, name: str, info: Any, data_start: int, data_size: int) ->
         found = sorted(info) if isinstance(info, dict) else type(info).__name__
         raise CheckpointError(f"{where}: a header entry needs exactly dtype, shape and data_offsets, got {found}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{where}: dtype {dtype!r} is not allowed (allowed: {sorted(DTYPES)})")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(s) and s >= 0 for s in shape):
         raise CheckpointError(f"{where}: shape must be a list of at most {MAX_NDIM} non-negative integers, "
@@ -460,7 +460,7 @@ def _meta_model(path: Path, config: NSAConfig, header: SafetensorsHeader) -> NSA
     try:
         with torch.device("meta"):
             return NSALM(config)
-    except (RuntimeError, ValueError, OverflowError) as err:
+    except (RuntimeError, ValueError, OverflowError, TypeError) as err:  # sizes beyond int64, for instance
         raise CheckpointError(f"{path}: the config describes a model that cannot be built: {err}") from None
 
 
