@@ -166,3 +166,29 @@ def test_trace_is_linear_in_T_and_the_process_stays_small():
     assert result["nbytes"] == 512 * per_token
     assert 8192 * per_token < 50e6
     assert result["peak_mb"] < 1024, result
+
+
+def test_trace_command_writes_the_trace_and_prints_a_summary(tmp_path, capsys):
+    from nsa_core import tokenizer
+    from nsa_core.checkpoint import save_pretrained
+    from nsa_core.cli import main
+
+    model, _ = build()
+    save_pretrained(model, tmp_path / "ckpt")
+    text = tmp_path / "text.txt"
+    text.write_text("Native sparse attention keeps what matters. " * 6, encoding="utf-8")
+    out = tmp_path / "t.npz"
+    argv = ["trace", "--checkpoint", str(tmp_path / "ckpt"), "--text-file", str(text), "--out", str(out),
+            "--max-tokens", "200", "--device", "cpu", "--backend", "reference", "--recall"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "g_cmp" in printed and "recall" in printed and f"wrote {out}" in printed
+    ids = torch.tensor([tokenizer.encode(text.read_text(), bos=True)[:200]])
+    with torch.no_grad():
+        _, expected = model(ids, trace=True)
+    loaded = ModelTrace.load(out)
+    np.testing.assert_array_equal(loaded.token_ids, ids[0].numpy())
+    np.testing.assert_array_equal(loaded.layers[1].block_idx, expected.layers[1].block_idx)
+    assert main(["trace", "--checkpoint", str(tmp_path / "missing"), "--text-file", str(text), "--out",
+                 str(out)]) == 2
+    assert "nsa-explorer trace:" in capsys.readouterr().err
