@@ -73,7 +73,7 @@ def list_checkpoints(roots: Iterable[str | os.PathLike], *, max_depth: int = 3) 
                     found[(here / name).resolve()] = None
             if len(here.relative_to(root).parts) >= max_depth:
                 dirnames.clear()
-    return list(found)
+    return sorted(found)
 
 
 def _resolve_roots(roots: Iterable[str | os.PathLike]) -> list[Path]:
