@@ -194,7 +194,7 @@ def pooled_dense_map(model: NSALM, ids: torch.Tensor, *, layer: int, head: int, 
     block_idx = None
     if trace is not None:
         block_idx = torch.from_numpy(_trace_layer(trace, layer, T).block_idx[q_lo:q_hi, kv:kv + 1]).to(q.device)
-    impl = _impl(q.device, col_cell, c.slc_block)
+    impl = _impl(q.device, col_cell)
     scale = c.head_dim ** -0.5
     num_cols = -(-(k_hi - k_lo) // col_cell)
     values = torch.zeros(-(-(q_hi - q_lo) // row_cell), num_cols, dtype=torch.float32)
@@ -262,15 +262,10 @@ def dense_recall(model: NSALM, ids: torch.Tensor, trace: ModelTrace, *, layer: i
     a = inputs if inputs is not None else model.attention_inputs(ids, layer)
     q, k = a.q[0], a.k[0]  # [T, HQ, Dk], [T, H, Dk]
     block_idx = torch.from_numpy(lt.block_idx).to(q.device)  # [T, H, n]
-    impl = _impl(q.device)
-    out = np.empty((T, c.n_head), dtype=np.float32)
-    rows = max(1, _KERNEL_ROWS_ELEMENTS // max(1, c.n_head * T))
-    for lo in range(0, T, rows):
-        hi = min(lo + rows, T)
-        _, cov = impl.dense_lse(q[lo:hi], k, scale=c.head_dim ** -0.5, q_start=lo, block_idx=block_idx[lo:hi],
-                                slc_block=c.slc_block, window=c.window)
-        out[lo:hi] = cov.clamp(0.0, 1.0).cpu().numpy()
-    return out
+    # One call: the output is linear in T and both implementations bound their own working memory.
+    _, covered = _impl(q.device).dense_lse(q, k, scale=c.head_dim ** -0.5, q_start=0, block_idx=block_idx,
+                                           slc_block=c.slc_block, window=c.window)  # [T, HQ]
+    return covered.clamp(0.0, 1.0).cpu().numpy()
 
 
 @torch.no_grad()
@@ -288,7 +283,7 @@ def oracle_overlap(model: NSALM, ids: torch.Tensor, trace: ModelTrace, *, layer:
     a = inputs if inputs is not None else model.attention_inputs(ids, layer)
     q, k = a.q[0], a.k[0]
     H, G, ls = c.n_kv_head, c.group_size, c.slc_block
-    impl = _impl(q.device, ls, ls)
+    impl = _impl(q.device, ls)
     num_slc = masks.num_selection_blocks(T, ls)
     out = np.empty((T, H), dtype=np.float32)
     rows = max(1, _KERNEL_ROWS_ELEMENTS // max(1, c.n_head * num_slc))
@@ -444,7 +439,7 @@ def _pool_rows(x, cell):
     return x.unflatten(0, (R, cell)).sum(1)
 
 
-def _impl(device: torch.device, cell: int = 1, slc_block: int = 1):
+def _impl(device: torch.device, cell: int = 1):
     """The kernels on CUDA (when they support the cell size), the chunked PyTorch path otherwise."""
     if device.type == "cuda":
         try:
