@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
 import safetensors.torch
+import torch
 
 from .config import ConfigError, NSAConfig
 from .model import NSALM
@@ -130,7 +130,7 @@ def save_pretrained(model: NSALM, path: str | os.PathLike, *, metrics: dict[str,
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{directory / METRICS_FILE}: metrics are not plain JSON: {err}") from None
     if card is None:
-        card = model_card(model, title=directory.name, metrics=metrics)
+        card = model_card(model, title=directory.resolve().name, metrics=metrics)
     directory.mkdir(parents=True, exist_ok=True)
     save_single_file(model, directory / WEIGHTS_FILE)
     _write_text(directory / CONFIG_FILE, model.config.to_json())
@@ -246,8 +246,9 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / METRICS_FILE
     if not Path(path).is_dir() or not file.exists():
         return {}
+    text = _read_small_text(file)
     try:
-        metrics = json.loads(_read_small_text(file))
+        metrics = json.loads(text)
     except (ValueError, RecursionError) as err:
         raise CheckpointError(f"{file}: not valid JSON: {err}") from None
     if not isinstance(metrics, dict):
@@ -305,7 +306,7 @@ def _open_regular(path: Path) -> BinaryIO:
     if not stat.S_ISREG(mode):
         raise CheckpointError(f"{path}: is not a regular file")
     try:
-        return open(path, "rb")  # noqa: SIM115 (returned to a with statement)
+        return open(path, "rb")
     except OSError as err:
         raise CheckpointError(f"{path}: cannot be read: {err.strerror}") from None
 

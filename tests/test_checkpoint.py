@@ -27,8 +27,8 @@ from nsa_core.checkpoint import (
 from nsa_core.config import NSAConfig
 from nsa_core.model import NSALM
 
-TINY = dict(d_model=32, n_layer=1, n_head=2, n_kv_head=1, head_dim=16, v_head_dim=16, mlp_hidden=64,
-            cmp_mlp_hidden=16)
+TINY = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "head_dim": 16, "v_head_dim": 16,
+        "mlp_hidden": 64, "cmp_mlp_hidden": 16}
 
 
 def tiny_model(**changes) -> NSALM:
