@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .tokenizer import VOCAB_SIZE
+
 MODEL_TYPE = "nsa_lm"
 FORMAT_VERSION = 1
 
@@ -88,6 +90,9 @@ class NSAConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size < VOCAB_SIZE:
+            raise ConfigError(f"vocab_size ({self.vocab_size}) must be >= {VOCAB_SIZE}: the byte tokenizer uses ids "
+                              f"0..{VOCAB_SIZE - 1} (256 bytes and the special tokens)")
         for name in ("init_blocks", "local_blocks"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
