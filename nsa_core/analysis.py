@@ -207,10 +207,10 @@ def pooled_dense_map(model: NSALM, ids: torch.Tensor, *, layer: int, head: int, 
                                      cell=col_cell, block_idx=None if block_idx is None else block_idx[lo:hi],
                                      slc_block=c.slc_block, window=c.window)  # [rows, 1, C]
         r0 = lo // row_cell  # rows_per_call is a whole number of row cells
-        pooled = _pool_rows(mass[:, 0].cpu(), row_cell)
+        pooled = _pool_rows(mass[:, 0], row_cell).cpu()  # pooled where computed: only [R, C] crosses to the host
         values[r0:r0 + len(pooled)] += pooled
         if covered is not None:
-            covered[r0:r0 + len(pooled)] += _pool_rows(cov[:, 0].cpu(), row_cell)
+            covered[r0:r0 + len(pooled)] += _pool_rows(cov[:, 0], row_cell).cpu()
     return PooledMap(kind="dense", layer=layer, head=head, values=values.numpy(),
                      row_edges=_edges(q_lo, q_hi, row_cell), col_edges=_edges(k_lo, k_hi, col_cell),
                      covered=None if covered is None else covered.numpy())
