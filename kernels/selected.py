@@ -1,13 +1,21 @@
-"""Selected-block attention (Eq. 11-12), the paper's group-centric kernel.
+"""Selected-block attention (Eq. 11-12): the paper's group-centric kernel and a block-centric one.
 
 Each query at t attends, per KV head h, to the tokens s <= t of the blocks block_idx[b, t, h, :]
 (-1 slots skipped; valid ids unique). One program owns one query and the G query heads of one KV
 head (paper Fig. 3: group-centric loading, shared KV fetching, outer loop on the grid), so each
 selected K/V tile is read once for the whole group. The tensor-core M dimension is the group,
 padded to 16 rows: with G < 16 most of each MMA is idle, and every query still streams n * l'
-keys, which is why `selected_small_group` (block-centric) exists for small groups.
+keys, whatever the group size.
 
-Shapes: q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], block_idx [B, TQ, H, n] int32/int64,
+The block-centric path (for small groups, chosen by `run_selected`) inverts the loop, as FSA does:
+the (query, slot) pairs are sorted by the block they selected (one torch sort, no [T, Ns] matrix),
+and one program takes up to BLOCK_R // G pairs that chose the same block, gathers their G heads
+into BLOCK_R rows and attends to that block once, so the tensor-core tile is full and each block is
+read once per BLOCK_R // G queries instead of once per query. Each pair writes its partial output
+and log-sum-exp; a second kernel merges the n partials of every query. The partials cost
+2 * B * TQ * HQ * n * (Dv + 2) bytes of extra traffic, which pays off while G is small.
+
+Shapes (both paths): q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], block_idx [B, TQ, H, n] int32/int64,
 Dk/Dv up to 256, any G from 1 to 64, TQ <= TK with q_start. Tested: float32 under TRITON_INTERPRET=1
 (Triton 3.9) and bfloat16 on an NVIDIA H100 (Triton 3.6) up to T = 16k. Known limits: forward only.
 """
@@ -102,23 +110,165 @@ def selected_attention(q, k, v, block_idx, *, slc_block, scale=None, q_start=Non
     return run_selected(q, k, v, block_idx.to(q.device), pos0, slc_block=slc_block, scale=resolve_scale(q, scale))
 
 
-def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale):
-    """Launch without argument checks (callers validated them): the group-centric kernel."""
+def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None):
+    """Launch without argument checks (callers validated them).
+
+    path: "group" (paper kernel), "block" (block-centric) or None to choose by group size.
+    """
     B, TQ, HQ, DK = q.shape
     TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // H
+    if path is None:
+        path = "block" if G <= BLOCK_PATH_MAX_GROUP else "group"
+    if path not in ("group", "block"):
+        raise ValueError(f"path must be 'group', 'block' or None, got {path!r}")
     q, k, v, block_idx = (last_dim_contiguous(x) for x in (q, k, v, block_idx))
     o = torch.empty(B, TQ, HQ, DV, device=q.device, dtype=q.dtype)
-    n = block_idx.shape[-1]
-    if B * TQ * H == 0:
-        return o
+    if B * TQ * H == 0 or block_idx.shape[-1] == 0:
+        return o.zero_()
     wide = max(pow2(DK), pow2(DV)) > 128
     block_n = min(pow2(slc_block, 16), 32 if wide else 64)
-    _selected_group_kernel[(TQ, B * H)](
-        q, k, v, block_idx, o, pos0, scale * LOG2E, TQ, TK, H,
+    common = dict(G=G, DK=DK, DV=DV, BLOCK_DK=pow2(DK, 16), BLOCK_DV=pow2(DV, 16), SLC_BLOCK=slc_block,
+                  BLOCK_N=block_n, PREC=dot_precision(q.dtype))
+    if path == "group":
+        _selected_group_kernel[(TQ, B * H)](
+            q, k, v, block_idx, o, pos0, scale * LOG2E, TQ, TK, H,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
+            GP=pow2(G, 16), TOP_N=block_idx.shape[-1], num_warps=4, num_stages=2, **common,
+        )
+        return o
+    return _run_block_centric(q, k, v, block_idx.contiguous(), pos0, o, scale, common)
+
+
+# Groups up to this size take the block-centric path by default.
+BLOCK_PATH_MAX_GROUP = 8
+
+
+def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common):
+    B, TQ, HQ, DK = q.shape
+    TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
+    G, n = HQ // H, block_idx.shape[-1]
+    num_slc = triton.cdiv(TK, common["SLC_BLOCK"])
+    num_seg = B * H * num_slc
+    block_r = max(64 if q.is_cuda else 32, pow2(G, 16))
+    per_prog = block_r // G  # (query, slot) pairs per program
+
+    # Pairs (b, t, h, slot) sorted by segment (b, h, block); empty slots sort last and are never read.
+    ids = block_idx.long()
+    bh = (torch.arange(B, device=q.device)[:, None, None, None] * H
+          + torch.arange(H, device=q.device)[None, None, :, None])  # [B, 1, H, 1]
+    seg = torch.where(ids >= 0, bh * num_slc + ids, num_seg).flatten()  # [B*TQ*H*n]
+    seg = seg.to(torch.int32) if num_seg < 2**31 else seg
+    seg_sorted, order = torch.sort(seg, stable=True)
+    counts = torch.bincount(seg_sorted, minlength=num_seg + 1)[:num_seg]
+    seg_start = torch.cumsum(counts, 0) - counts
+    chunks = (counts + per_prog - 1) // per_prog
+    chunk_end = torch.cumsum(chunks, 0)
+    # Upper bound on the number of programs, so that no device-to-host sync is needed.
+    grid = triton.cdiv(seg.numel(), per_prog) + num_seg
+    prog_seg = torch.searchsorted(chunk_end, torch.arange(grid, device=q.device), right=True).to(torch.int32)
+    chunk_start = (chunk_end - chunks).to(torch.int32)
+
+    o_part = torch.empty(B * TQ * H * n, G, DV, device=q.device, dtype=q.dtype)
+    lse_part = torch.empty(B * TQ * H * n, G, device=q.device, dtype=torch.float32)
+    _selected_block_kernel[(grid,)](
+        q, k, v, order, prog_seg, chunk_start, seg_start, counts, o_part, lse_part, pos0,
+        scale * LOG2E, TQ, TK, H, num_seg, num_slc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
-        G=G, GP=pow2(G, 16), DK=DK, DV=DV, BLOCK_DK=pow2(DK, 16), BLOCK_DV=pow2(DV, 16), SLC_BLOCK=slc_block,
-        BLOCK_N=block_n, TOP_N=n, PREC=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        v.stride(0), v.stride(1), v.stride(2),
+        N_SLOTS=n, BLOCK_R=block_r, num_warps=4, num_stages=2, **common,
+    )
+    _merge_partials_kernel[(B * TQ * H,)](
+        o_part, lse_part, block_idx, o, G=G, GP=pow2(G), N_SLOTS=n, NP=pow2(n), DV=DV,
+        BLOCK_DV=pow2(DV, 16), num_warps=4,
     )
     return o
+
+
+@triton.jit
+def _selected_block_kernel(
+    Q, K, V, ORDER, PROG_SEG, CHUNK_START, SEG_START, COUNTS, O_PART, LSE_PART, POS0,
+    scale_log2, TQ, TK, H, NUM_SEG, NUM_SLC,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    PAIRS: tl.constexpr = BLOCK_R // G
+    pid = tl.program_id(0)
+    seg = tl.load(PROG_SEG + pid)
+    if seg < NUM_SEG:
+        j = seg % NUM_SLC  # the block every pair of this program selected
+        bh = seg // NUM_SLC
+        b = bh // H
+        h = bh % H
+        b64 = b.to(tl.int64)
+        first = tl.load(SEG_START + seg) + (pid - tl.load(CHUNK_START + seg)).to(tl.int64) * PAIRS
+        last = tl.load(SEG_START + seg) + tl.load(COUNTS + seg)
+
+        r = tl.arange(0, BLOCK_R)
+        pair = first + r // G
+        row_ok = (r < PAIRS * G) & (pair < last)
+        e = tl.load(ORDER + pair, mask=row_ok, other=0)  # flat (b, t, h, slot) index
+        t = (e // (H * N_SLOTS)) % TQ
+        g = r % G
+        pos = tl.load(POS0 + b) + t  # [R]
+        dk = tl.arange(0, BLOCK_DK)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + b64 * sqb + t[:, None] * sqt + (h * G + g)[:, None] * sqh + dk[None, :],
+                    mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)  # [R, BDK]
+
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+        offs = tl.arange(0, BLOCK_N)
+        for off in range(0, SLC_BLOCK, BLOCK_N):
+            n = j.to(tl.int64) * SLC_BLOCK + off + offs  # [N]
+            n_ok = (off + offs < SLC_BLOCK) & (n < TK)
+            kt = tl.load(K + b64 * skb + h * skh + n[None, :] * skt + dk[:, None],
+                         mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)  # [BDK, N]
+            s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, N]
+            s = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(V + b64 * svb + h * svh + n[:, None] * svt + dv[None, :],
+                         mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)  # [N, BDV]
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+            m_i = m_new
+
+        nonempty = l_i > 0
+        o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))  # log2 units
+        row = e * G + g
+        tl.store(O_PART + row[:, None] * DV + dv[None, :], o.to(O_PART.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv[None, :] < DV))
+        tl.store(LSE_PART + row, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_partials_kernel(O_PART, LSE_PART, IDX, O, G: tl.constexpr, GP: tl.constexpr, N_SLOTS: tl.constexpr,
+                           NP: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """o[b, t, h*G + g] = sum_slot 2^(lse_slot - lse_all) o_slot: the softmax over the union of the blocks."""
+    row = tl.program_id(0).to(tl.int64)  # (b, t, h)
+    slot = tl.arange(0, NP)
+    g = tl.arange(0, GP)
+    dv = tl.arange(0, BLOCK_DV)
+    valid = (slot < N_SLOTS) & (tl.load(IDX + row * N_SLOTS + slot, mask=slot < N_SLOTS, other=-1) >= 0)  # [NP]
+    sg_ok = valid[:, None] & (g[None, :] < G)  # [NP, GP]
+    e = row * N_SLOTS + slot  # [NP]
+    lse = tl.load(LSE_PART + e[:, None] * G + g[None, :], mask=sg_ok, other=float("-inf"))
+    lse = tl.where(sg_ok, lse, float("-inf"))  # the buffer of an empty slot is never written
+    m = tl.max(lse, 0)  # [GP]
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe[None, :])  # [NP, GP]
+    w = w / tl.where(tl.sum(w, 0) > 0, tl.sum(w, 0), 1.0)[None, :]
+    parts = tl.load(O_PART + (e[:, None, None] * G + g[None, :, None]) * DV + dv[None, None, :],
+                    mask=sg_ok[:, :, None] & (dv[None, None, :] < DV), other=0.0).to(tl.float32)
+    parts = tl.where(sg_ok[:, :, None], parts, 0.0)
+    o = tl.sum(w[:, :, None] * parts, 0)  # [GP, BDV]
+    tl.store(O + (row * G + g[:, None]) * DV + dv[None, :], o.to(O.dtype.element_ty),
+             mask=(g[:, None] < G) & (dv[None, :] < DV))

@@ -1,0 +1,261 @@
+"""Triton kernels against the reference, on the CPU under TRITON_INTERPRET=1 (small shapes).
+
+Every output tensor the kernels allocate is poisoned (NaN, or a sentinel for integers) so that an
+element a kernel forgets to write fails the comparison. Shapes avoid multiples of the block sizes,
+cover G in {1, 3, 4, 16}, queries that are the last TQ of TK keys (int and per-batch q_start), and
+rows that see no compressed token. The GPU counterparts at realistic sizes are in test_kernels_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import selected as selected_mod
+from nsa_core import masks
+from nsa_core import reference as ref
+from nsa_core.config import NSAConfig
+
+L, D_STRIDE, L_SLC, TOP_N, WINDOW = 8, 4, 16, 4, 20  # small NSA geometry: l, d, l', n, w
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """torch.empty / empty_like return NaN (floats) or -12345 (integers) while a test runs."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(x):
+        return x.fill_(float("nan") if x.is_floating_point() else -12345)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def assert_same_selection(idx, idx_ref, scores, pos, *, slc_block, init_blocks=1, local_blocks=2, atol=1e-4,
+                          rtol=1e-3):
+    """Selected blocks agree up to ties: same layout rules, and per row the same multiset of scores.
+
+    idx, idx_ref [B, TQ, H, n]; scores [B, TQ, H, Ns] from ref.importance_scores; pos [B, TQ] absolute
+    positions. Forced blocks count as +inf, so a row may swap two blocks only if their scores tie.
+    """
+    idx, idx_ref, scores, pos = idx.long().cpu(), idx_ref.long().cpu(), scores.float().cpu(), pos.cpu()
+    assert idx.shape == idx_ref.shape
+    valid = idx >= 0
+    assert (valid[..., :-1] | ~valid[..., 1:]).all(), "a -1 slot precedes a valid block id"
+    assert ((idx[..., 1:] > idx[..., :-1]) | ~valid[..., 1:]).all(), "valid ids are not strictly ascending"
+    assert (idx <= (pos // slc_block)[..., None, None]).all(), "a block after the query's own block was chosen"
+    assert torch.equal(valid.sum(-1), (idx_ref >= 0).sum(-1)), "numbers of selected blocks differ"
+    forced = masks.forced_blocks(pos, slc_block=slc_block, init_blocks=init_blocks, local_blocks=local_blocks,
+                                 num_slc=scores.shape[-1])[:, :, None, :]
+    ranked = torch.where(forced, torch.inf, scores)
+
+    def chosen_scores(ids):
+        return torch.gather(ranked, -1, ids.clamp_min(0)).masked_fill(ids < 0, -torch.inf).sort(-1).values
+
+    torch.testing.assert_close(chosen_scores(idx), chosen_scores(idx_ref), atol=atol, rtol=rtol)
+
+
+def _qkv(B, TQ, TK, H, G, dk=16, dv=8):
+    q = torch.randn(B, TQ, H * G, dk)
+    k = torch.randn(B, TK, H, dk)
+    v = torch.randn(B, TK, H, dv)
+    return q, k, v
+
+
+def _cmp_kv(B, TK, H, dk=16, dv=8):
+    tc = max((TK - L) // D_STRIDE + 1, 0)
+    return torch.randn(B, tc, H, dk), torch.randn(B, tc, H, dv)
+
+
+def _close(a, b, tol=1e-5):
+    assert not torch.isnan(a).any(), "kernel output holds NaN (an unwritten or poisoned element)"
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_compressed_attention_matches_reference(G):
+    q, _, _ = _qkv(2, 45, 45, 2, G)
+    k_cmp, v_cmp = _cmp_kv(2, 45, 2)
+    o, lse = kernels.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE)
+    o_ref, lse_ref = ref.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE)
+    _close(o, o_ref)
+    assert lse.dtype == torch.float32
+    empty = torch.isinf(lse_ref)
+    assert empty[:, : L - 1].all() and not empty[:, L - 1:].any()  # rows t < l - 1 see nothing
+    assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all()
+    _close(lse[~empty], lse_ref[~empty])
+    assert (o[:, : L - 1] == 0).all()
+
+
+def test_compressed_attention_only_empty_rows_and_offsets():
+    q, _, _ = _qkv(2, 5, 5, 1, 4)
+    k_cmp, v_cmp = _cmp_kv(2, 60, 1)
+    o, lse = kernels.compressed_attention(q, k_cmp[:, :0], v_cmp[:, :0], cmp_block=L, cmp_stride=D_STRIDE)
+    assert (o == 0).all() and torch.isneginf(lse).all()
+    starts = torch.tensor([50, 3])  # one row deep in the sequence, one still before the first window
+    o, lse = kernels.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE, q_start=starts)
+    o_ref, lse_ref = ref.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE, q_start=starts)
+    _close(o, o_ref)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_select_blocks_matches_reference(G):
+    q, _, _ = _qkv(1, 150, 150, 2, G)
+    k_cmp, v_cmp = _cmp_kv(1, 150, 2)
+    _, lse = ref.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE)
+    args = dict(cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC, top_n=TOP_N)
+    idx = kernels.select_blocks(q, k_cmp, lse, **args)
+    idx_ref = ref.select_blocks(q, k_cmp, lse, **args)
+    assert idx.dtype == torch.int32 and idx.shape == idx_ref.shape
+    scores = ref.importance_scores(q, k_cmp, lse, cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC)
+    assert_same_selection(idx, idx_ref, scores, torch.arange(150)[None], slc_block=L_SLC)
+    assert (idx[:, :L_SLC, :, 1:] == -1).all()  # block 0 only: the rest of the slots are empty
+
+
+@pytest.mark.parametrize("geometry", [(16, 8, 16, 3, 2, 1), (8, 8, 8, 5, 0, 2), (12, 4, 8, 5, 1, 2)],
+                         ids=["l16-d8-ls16", "l8-d8-ls8-no-init", "l12-d4-ls8"])
+def test_select_blocks_other_geometries(geometry):
+    l, d, ls, n, init, local = geometry
+    q, _, _ = _qkv(2, 70, 70, 2, 2)
+    tc = (70 - l) // d + 1
+    k_cmp = torch.randn(2, tc, 2, 16)
+    _, lse = ref.compressed_attention(q, k_cmp, k_cmp, cmp_block=l, cmp_stride=d)
+    args = dict(cmp_block=l, cmp_stride=d, slc_block=ls, top_n=n, init_blocks=init, local_blocks=local)
+    idx = kernels.select_blocks(q, k_cmp, lse, **args)
+    idx_ref = ref.select_blocks(q, k_cmp, lse, **args)
+    scores = ref.importance_scores(q, k_cmp, lse, cmp_block=l, cmp_stride=d, slc_block=ls)
+    assert_same_selection(idx, idx_ref, scores, torch.arange(70)[None].expand(2, 70), slc_block=ls)
+
+
+def test_select_blocks_last_queries_of_longer_sequence():
+    q, _, _ = _qkv(2, 6, 6, 2, 4)
+    k_cmp, v_cmp = _cmp_kv(2, 300, 2)
+    starts = torch.tensor([294, 120])
+    args = dict(cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC, top_n=TOP_N, q_start=starts)
+    _, lse = ref.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE, q_start=starts)
+    idx = kernels.select_blocks(q, k_cmp, lse, **args)
+    idx_ref = ref.select_blocks(q, k_cmp, lse, **args)
+    scores = ref.importance_scores(q, k_cmp, lse, cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC, q_start=starts)
+    assert_same_selection(idx, idx_ref, scores, starts[:, None] + torch.arange(6), slc_block=L_SLC)
+
+
+def _random_block_idx(B, TQ, H, n, pos):
+    """Valid causal block ids ascending then -1, with a random number of empty slots per row."""
+    cur = pos // L_SLC  # [B, TQ]
+    scores = torch.rand(B, TQ, H, int(cur.max()) + 1)
+    scores = scores.masked_fill(torch.arange(scores.shape[-1]) > cur[..., None, None], -1)
+    top = scores.topk(min(n, scores.shape[-1]), -1)
+    ids = torch.where(top.values >= 0, top.indices, -1)
+    ids = ids.masked_fill(torch.rand(ids.shape) < 0.2, -1)  # some empty slots
+    ids = torch.where(ids < 0, 1 << 20, ids).sort(-1).values
+    ids = torch.where(ids == 1 << 20, -1, ids)
+    ids[..., 0] = torch.where(ids[..., 0] < 0, 0, ids[..., 0])  # at least one block per row
+    if ids.shape[-1] < n:
+        ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], n - ids.shape[-1]), -1)], -1)
+    return ids.int()
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_selected_attention_matches_reference(G):
+    q, k, v = _qkv(1, 53, 53, 2, G)
+    idx = _random_block_idx(1, 53, 2, TOP_N, torch.arange(53)[None])
+    o = kernels.selected_attention(q, k, v, idx, slc_block=L_SLC)
+    _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC))
+
+
+@pytest.mark.parametrize(("G", "path"), [(1, "group"), (4, "group"), (3, "block"), (16, "block")])
+def test_selected_attention_both_paths_with_offsets(G, path):
+    q, k, v = _qkv(2, 9, 90, 2, G)
+    starts = torch.tensor([81, 30])
+    idx = _random_block_idx(2, 9, 2, TOP_N, starts[:, None] + torch.arange(9))
+    o = selected_mod.run_selected(q, k, v, idx, starts, slc_block=L_SLC, scale=16 ** -0.5, path=path)
+    _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC, q_start=starts))
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_window_attention_matches_reference(G):
+    q, k, v = _qkv(1, 45, 45, 2, G)
+    _close(kernels.window_attention(q, k, v, window=WINDOW), ref.window_attention(q, k, v, window=WINDOW))
+
+
+def test_window_attention_last_queries_and_long_window():
+    q, k, v = _qkv(2, 7, 60, 2, 3, dk=24, dv=40)
+    starts = torch.tensor([53, 10])
+    for w in (5, 100):
+        _close(kernels.window_attention(q, k, v, window=w, q_start=starts),
+               ref.window_attention(q, k, v, window=w, q_start=starts))
+    _close(kernels.window_attention(q, k, v, window=9), ref.window_attention(q, k, v, window=9))
+
+
+def _config(G, **changes):
+    fields = dict(n_head=2 * G, n_kv_head=2, head_dim=16, v_head_dim=8, cmp_block=L, cmp_stride=D_STRIDE,
+                  slc_block=L_SLC, top_n=TOP_N, window=WINDOW)
+    return NSAConfig(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_nsa_attention_parts_match_reference(G):
+    cfg = _config(G)
+    q, k, v = _qkv(1, 75, 75, 2, G)
+    k_cmp, v_cmp = _cmp_kv(1, 75, 2)
+    gates = torch.rand(1, 75, 2 * G, 3)
+    parts = kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg, return_parts=True)
+    want = ref.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg, return_parts=True)
+    scores = ref.importance_scores(q, k_cmp, want.lse_cmp, cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC)
+    assert_same_selection(parts.block_idx, want.block_idx, scores, torch.arange(75)[None], slc_block=L_SLC)
+    for name in ("o", "o_cmp", "o_slc", "o_win"):
+        _close(getattr(parts, name), getattr(want, name))
+    finite = torch.isfinite(want.lse_cmp)
+    assert torch.equal(torch.isfinite(parts.lse_cmp), finite)
+    _close(parts.lse_cmp[finite], want.lse_cmp[finite])
+    # The gated sum does not depend on whether the parts are kept.
+    o = kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg)
+    assert torch.equal(o, parts.o)
+
+
+def test_nsa_attention_decode_step_with_independent_window_kv():
+    cfg = _config(3, kv_mode="independent")
+    q, k, v = _qkv(2, 3, 70, 2, 3)
+    k_win, v_win = torch.randn_like(k), torch.randn_like(v)
+    k_cmp, v_cmp = _cmp_kv(2, 70, 2)
+    gates = torch.rand(2, 3, 6, 3)
+    got = kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg, k_win=k_win, v_win=v_win)
+    want = ref.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg, k_win=k_win, v_win=v_win)
+    _close(got, want)
+
+
+def test_forward_only_refuses_inputs_that_need_grad():
+    q, k, v = _qkv(1, 20, 20, 1, 2)
+    q.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="forward-only.*reference"):
+        kernels.window_attention(q, k, v, window=4)
+    with torch.no_grad():
+        assert kernels.window_attention(q, k, v, window=4).shape == (1, 20, 2, 8)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = _qkv(1, 20, 20, 2, 2)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        kernels.window_attention(q[:, :, :3], k, v, window=4)
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.window_attention(q, k[..., :8], v, window=4)
+    with pytest.raises(ValueError, match="block id"):
+        kernels.selected_attention(q, k, v, torch.full((1, 20, 2, 2), 5, dtype=torch.int32), slc_block=L_SLC)
+    with pytest.raises(ValueError, match="q_start"):
+        kernels.window_attention(q, k, v, window=4, q_start=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="l - d <= l'"):
+        kernels.select_blocks(q, k, torch.zeros(1, 20, 4), cmp_block=48, cmp_stride=8, slc_block=16, top_n=2)
+
+
+def test_supports_reports_reasons():
+    ok, reason = kernels.supports(_config(4), device="cpu", dtype=torch.float32)
+    assert not ok and "CUDA" in reason
+    ok, reason = kernels.supports(_config(4), device="cuda", dtype=torch.bfloat16)
+    assert ok, reason
+    ok, reason = kernels.supports(_config(4, cmp_block=48, cmp_stride=8, slc_block=16), device="cuda",
+                                  dtype=torch.bfloat16)
+    assert not ok and "l'" in reason
+    ok, reason = kernels.supports(_config(4), device="cuda", dtype=torch.int8)
+    assert not ok and "dtype" in reason
