@@ -158,7 +158,12 @@ class Attention(nn.Module):
         cache.length = start + x.shape[1]
         k, v = cache.k[self._kv_name("slc")], cache.v[self._kv_name("slc")]
         if not self.is_nsa:
-            o = reference.dense_attention(q, k, v, q_start=start)
+            if start == 0:  # prefill: a fused causal kernel; the chunked reference makes O(T^2) memory passes
+                # K/V expanded to every query head: the memory-efficient kernel takes float32 but not enable_gqa.
+                kq, vq = (t.repeat_interleave(c.group_size, dim=2).transpose(1, 2) for t in (k, v))
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), kq, vq, is_causal=True).transpose(1, 2)
+            else:
+                o = reference.dense_attention(q, k, v, q_start=start)
             return self.o_proj(o.flatten(2))
         self._append_compressed(x, positions, cache)
         gates = torch.sigmoid(self.gate(x)).unflatten(-1, (c.n_head, 3))
