@@ -1,0 +1,233 @@
+"""Needle in a haystack: hide a passkey in any text, ask for it, and score the model's greedy answer.
+
+    from nsa_core import niah
+    prompt = niah.build_prompt(haystack_text, length=4096, depth=0.5, key="31415")
+    results = niah.sweep(model, haystack_text, lengths=[1024, 4096], depths=niah.even_depths(10), trials=20)
+    niah.write_results(results, "niah.json")
+
+    nsa-explorer niah CHECKPOINT [--haystack heldout|FILE] --lengths 1024,2048 --depths 10 --trials 20 --out R.json
+
+A prompt is <bos>, then haystack tokens with the needle sentence (`data.NEEDLE`) on its own line at a
+depth in [0, 1] of the haystack, then the question (`data.QUESTION`) and <sep>: exactly `length`
+tokens. The model answers with `NSALM.generate()` (greedy, KV cache, stopping at <eos>), and a trial
+counts when the tokens before the first <eos> are exactly the key's digits. Each trial draws its own
+key and haystack offset from a seed, so a sweep is reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import data, tokenizer
+from .model import NSALM
+
+HELDOUT = "heldout"
+
+
+@dataclass(frozen=True)
+class NeedlePrompt:
+    ids: list[int]  # exactly `length` tokens, ending with <sep>
+    key: str  # the expected answer
+    depth: float
+    needle_at: int  # token index where the needle sentence starts
+
+
+@dataclass(frozen=True)
+class CellResult:
+    length: int
+    depth: float
+    trials: int
+    correct: int
+    answers: list[str]  # decoded answer per trial (up to <eos>)
+    keys: list[str]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.trials
+
+
+def even_depths(count: int) -> list[float]:
+    """count depths evenly spaced from 0 (start of the haystack) to 1 (just before the question)."""
+    if count < 1:
+        raise ValueError(f"need at least one depth, got {count}")
+    return [0.0] if count == 1 else [round(i / (count - 1), 4) for i in range(count)]
+
+
+def haystack_tokens(haystack: str | bytes | Sequence[int] | np.ndarray) -> np.ndarray:
+    """Text (str or UTF-8 bytes) or byte tokens -> int64 token array."""
+    if isinstance(haystack, str):
+        haystack = haystack.encode("utf-8")
+    if isinstance(haystack, bytes):
+        tokens = np.frombuffer(haystack, dtype=np.uint8).astype(np.int64)
+    else:
+        tokens = np.asarray(haystack, dtype=np.int64)
+    if tokens.ndim != 1 or len(tokens) == 0:
+        raise ValueError("the haystack must be non-empty text or a 1-D sequence of byte tokens")
+    if tokens.min() < 0 or tokens.max() > 255:
+        raise ValueError("haystack tokens must be bytes (0..255): special tokens are reserved for the prompt")
+    return tokens
+
+
+def prompt_overhead() -> int:
+    """Tokens every prompt spends outside the haystack: <bos>, the needle line, the question and <sep>."""
+    return 1 + len(tokenizer.encode("\n" + data.NEEDLE.format(key="00000") + "\n")) + \
+        len(tokenizer.encode("\n" + data.QUESTION)) + 1
+
+
+def build_prompt(haystack, *, length: int, depth: float, key: str, offset: int = 0) -> NeedlePrompt:
+    """The prompt of `length` tokens hiding `key` at `depth`; the haystack is read from `offset`, wrapping."""
+    tokens = haystack_tokens(haystack)
+    if not (key.isascii() and key.isdigit()) or len(key) != 5:
+        raise ValueError(f"the key must be 5 ASCII digits, got {key!r}")
+    hay_len = length - prompt_overhead()
+    if hay_len < 0:
+        raise ValueError(f"length {length} is shorter than the needle and question ({prompt_overhead()} tokens)")
+    hay = tokens[(offset + np.arange(hay_len)) % len(tokens)].tolist()
+    needle = tokenizer.encode(data.NEEDLE.format(key=key))
+    body = data.insert_needles(hay, [needle], [depth])
+    ids = [tokenizer.BOS] + body + tokenizer.encode("\n" + data.QUESTION) + [tokenizer.SEP]
+    needle_at = 1 + round(depth * hay_len) + 1  # after <bos>, the haystack before it, and the newline
+    return NeedlePrompt(ids, key, depth, needle_at)
+
+
+def answer_text(tokens: Sequence[int]) -> str:
+    """The generated answer: the tokens before the first <eos> (all of them when there is none)."""
+    tokens = list(tokens)
+    if tokenizer.EOS in tokens:
+        tokens = tokens[:tokens.index(tokenizer.EOS)]
+    return "".join(tokenizer.token_label(t) if t >= 256 else chr(t) for t in tokens)
+
+
+def is_correct(tokens: Sequence[int], key: str) -> bool:
+    """Exact match: the tokens before the first <eos> are the key's digits and an <eos> ends them."""
+    tokens = list(tokens)
+    return tokenizer.EOS in tokens and tokens[:tokens.index(tokenizer.EOS)] == tokenizer.encode(key)
+
+
+def run_cell(model: NSALM, haystack, *, length: int, depth: float, trials: int, seed: int = 0,
+             batch_size: int | None = None) -> CellResult:
+    """`trials` prompts at (length, depth), answered greedily in batches; keys and offsets drawn from seed."""
+    tokens = haystack_tokens(haystack)
+    rng = np.random.default_rng([seed, length, round(depth * 10_000)])
+    keys = [data.random_key(rng) for _ in range(trials)]
+    offsets = rng.integers(0, len(tokens), trials).tolist()
+    prompts = [build_prompt(tokens, length=length, depth=depth, key=k, offset=o) for k, o in zip(keys, offsets,
+                                                                                                    strict=True)]
+    batch_size = batch_size or trials
+    answers, correct = [], 0
+    for lo in range(0, trials, batch_size):
+        batch = prompts[lo:lo + batch_size]
+        ids = torch.tensor([p.ids for p in batch], dtype=torch.long, device=model.device)
+        out = model.generate(ids, max_new_tokens=len(batch[0].key) + 1, stop_token=tokenizer.EOS)
+        for p, row in zip(batch, out.tolist(), strict=True):
+            answers.append(answer_text(row))
+            correct += is_correct(row, p.key)
+    return CellResult(length, depth, trials, correct, answers, keys)
+
+
+def sweep(model: NSALM, haystack, *, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0,
+          batch_size: int | None = None, progress: bool = True,
+          callback: Callable[[int, int, CellResult], None] | None = None) -> dict[str, Any]:
+    """Every (length, depth) cell; callback(done, total, cell) after each (for a UI progress bar).
+
+    Returns JSON-ready results: accuracy[i][j] for lengths[i] x depths[j], and every cell's answers.
+    """
+    tokens = haystack_tokens(haystack)
+    cells = [(length, depth) for length in lengths for depth in depths]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cells), desc="niah", unit="cell", dynamic_ncols=True)
+    results: list[CellResult] = []
+    t0 = time.perf_counter()
+    for done, (length, depth) in enumerate(cells, 1):
+        cell = run_cell(model, tokens, length=length, depth=depth, trials=trials, seed=seed, batch_size=batch_size)
+        results.append(cell)
+        if bar is not None:
+            bar.set_postfix(length=length, depth=depth, acc=f"{cell.accuracy:.2f}")
+            bar.update(1)
+        if callback is not None:
+            callback(done, len(cells), cell)
+    if bar is not None:
+        bar.close()
+    grid = [[next(c.accuracy for c in results if c.length == length and c.depth == depth) for depth in depths]
+            for length in lengths]
+    return {
+        "attention": model.config.attention,
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "trials": trials,
+        "seed": seed,
+        "haystack_tokens": len(tokens),
+        "accuracy": grid,
+        "min_accuracy_per_length": {str(length): min(row) for length, row in zip(lengths, grid, strict=True)},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "cells": [asdict(c) | {"accuracy": c.accuracy} for c in results],
+    }
+
+
+def format_grid(results: dict[str, Any]) -> str:
+    """Markdown table: one row per context length, one column per depth, exact-match accuracy in %."""
+    depths = results["depths"]
+    lines = ["| length \\ depth | " + " | ".join(f"{d:.2f}" for d in depths) + " | min |",
+             "|---" * (len(depths) + 2) + "|"]
+    for length, row in zip(results["lengths"], results["accuracy"], strict=True):
+        lines.append(f"| {length} | " + " | ".join(f"{100 * a:.0f}" for a in row) + f" | {100 * min(row):.0f} |")
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def load_haystack(spec: str, *, heldout_fraction: float = 0.05) -> np.ndarray:
+    """'heldout' -> the held-out standard-library files; anything else is a path to a text file."""
+    if spec == HELDOUT:
+        return data.stdlib_corpus("heldout", heldout_fraction=heldout_fraction).astype(np.int64)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"haystack file {path} does not exist (or pass '{HELDOUT}')")
+    return haystack_tokens(path.read_bytes())
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nsa-explorer niah", description="Needle-in-a-haystack sweep of a checkpoint.")
+    parser.add_argument("checkpoint", help="checkpoint directory or .safetensors file")
+    parser.add_argument("--haystack", default=HELDOUT, help=f"'{HELDOUT}' (held-out stdlib files) or a text file")
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="comma-separated context lengths")
+    parser.add_argument("--depths", type=int, default=10, help="number of evenly spaced depths")
+    parser.add_argument("--trials", type=int, default=20, help="trials per cell")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, help="prompts per generate() call (default: all trials)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="write the JSON results here")
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError, load_pretrained
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+        model = load_pretrained(args.checkpoint, device=args.device, dtype=torch.float32)
+        haystack = load_haystack(args.haystack)
+    except (ValueError, OSError, CheckpointError) as err:
+        print(f"nsa-explorer niah: {err}", file=sys.stderr)
+        return 2
+    results = sweep(model, haystack, lengths=lengths, depths=even_depths(args.depths), trials=args.trials,
+                    seed=args.seed, batch_size=args.batch_size)
+    print(format_grid(results))
+    if args.out:
+        print(f"wrote {write_results(results, args.out)}")
+    return 0

@@ -1,0 +1,458 @@
+"""`nsa-explorer train`: train an NSALM from a recipe (a JSON file kept next to the checkpoint it makes).
+
+    nsa-explorer train RECIPE.json --out DIR [--device cuda] [--resume] [--max-steps N] [--time-budget S]
+    torchrun --nproc_per_node=2 -m nsa_core.cli train RECIPE.json --out DIR    # data-parallel (DDP)
+
+Data: the standard library's train files mixed with passkey tasks (`data.py`). On a GPU the step runs
+under bf16 autocast and NSA layers go through FlexAttention (`train_attention.py`), since the Triton
+kernels are forward-only; on a CPU they go through the differentiable reference. The dense twin uses
+PyTorch's scaled_dot_product_attention either way.
+
+A time budget turns into a step count once: after `calibrate_steps` timed steps the run fixes
+max_steps so the rest fits, before warm-up ends, so the learning-rate schedule is the one a rerun
+with that max_steps and no budget would follow. The recipe written next to the checkpoint records it.
+
+DIR receives: recipe.json, train_log.jsonl (one line per logged step), train_state.pt (model,
+optimizer and step, for --resume; tensors only, loaded with weights_only=True) and, at the end, the
+checkpoint files (config.json, model.safetensors, README.md, metrics.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from . import data, reference
+from .checkpoint import model_card, save_pretrained
+from .config import NSAConfig
+from .model import NSALM
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+RECIPE_FILE = "recipe.json"
+ATTENTION_PATHS = ("auto", "flex", "reference")
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """Everything a training run depends on; a recipe file is this as JSON."""
+
+    name: str
+    model: dict[str, Any] = field(default_factory=dict)  # NSAConfig fields (defaults elsewhere)
+    seed: int = 0
+    # Data.
+    seq_len: int = 16384
+    batch_size: int = 4  # rows per step per process
+    heldout_fraction: float = 0.05
+    min_task_len: int = 512
+    multi_key_prob: float = 0.3
+    curriculum_frac: float = 0.4
+    answer_weight: float = 4.0  # loss weight of answer tokens relative to text tokens
+    # Optimisation.
+    max_steps: int = 1000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Run.
+    time_budget_s: float | None = None  # wall-clock budget of the training loop, turned into max_steps
+    calibrate_steps: int = 12  # steps timed (after the first 2, which compile) before fixing max_steps
+    attention_path: str = "auto"  # "flex" on CUDA and "reference" elsewhere when auto
+    log_every: int = 10
+    ckpt_every: int = 200
+    eval_rows: int = 8  # held-out rows of seq_len tokens for the final loss
+    save_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        NSAConfig.from_dict(self.model)  # validates the model fields with clear errors
+        if self.attention_path not in ATTENTION_PATHS:
+            raise ValueError(f"attention_path must be one of {list(ATTENTION_PATHS)}, got {self.attention_path!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        for name in ("seq_len", "batch_size", "max_steps", "log_every", "ckpt_every", "eval_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.time_budget_s is not None and self.calibrate_steps + 2 > self.warmup_steps:
+            raise ValueError(f"calibrate_steps + 2 ({self.calibrate_steps + 2}) must be <= warmup_steps "
+                             f"({self.warmup_steps}): the step count must be fixed before the decay starts")
+
+    @property
+    def config(self) -> NSAConfig:
+        return NSAConfig.from_dict(self.model)
+
+    @property
+    def task_mix(self) -> data.TaskMix:
+        return data.TaskMix(seq_len=self.seq_len, min_task_len=self.min_task_len, multi_key_prob=self.multi_key_prob,
+                            curriculum_frac=self.curriculum_frac)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: recipe is not valid JSON: {err}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown recipe key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**raw)
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+
+def lr_at(recipe: Recipe, step: int, max_steps: int) -> float:
+    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = min(1.0, (step - recipe.warmup_steps) / max(1, max_steps - recipe.warmup_steps))
+    floor = recipe.lr * recipe.min_lr_ratio
+    return floor + (recipe.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def forward_logits(model: NSALM, ids: torch.Tensor, ops) -> torch.Tensor:
+    """NSALM's forward with an explicit attention implementation (the FlexAttention path is no backend
+    `NSALM.forward` can resolve): ids [B, T] -> logits [B, T, vocab] float32."""
+    x = model.embed(ids)
+    for layer in model.layers:
+        x, _ = layer(x, ops=ops)
+    return model.lm_head(model.norm(x)).float()
+
+
+class TrainingLoss(nn.Module):
+    """The module DDP wraps: (inputs, targets, answer) [B, T] -> weighted next-token loss and statistics."""
+
+    def __init__(self, model: NSALM, ops, answer_weight: float) -> None:
+        super().__init__()
+        self.model = model
+        self.ops = ops
+        self.answer_weight = answer_weight
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, answer: torch.Tensor):
+        logits = forward_logits(self.model, inputs, self.ops)  # [B, T, V]
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        weights = 1.0 + (self.answer_weight - 1.0) * answer.float()
+        loss = (ce * weights).sum() / weights.sum()
+        with torch.no_grad():
+            text_loss = ce[~answer].mean()
+            hits = (logits.argmax(-1) == targets) & answer
+            answer_acc = hits.sum() / answer.sum().clamp_min(1)
+        return loss, text_loss, answer_acc
+
+
+def attention_ops(recipe: Recipe, device: torch.device):
+    """The NSA implementation a training step runs on."""
+    path = recipe.attention_path
+    if path == "auto":
+        path = "flex" if device.type == "cuda" else "reference"
+    if path == "reference":
+        return reference, "reference"
+    if device.type != "cuda":
+        raise ValueError("attention_path 'flex' needs a CUDA device: FlexAttention has no CPU backward")
+    from .train_attention import FlexNSA
+
+    return FlexNSA(compile=True), "flex"
+
+
+@dataclass
+class TrainResult:
+    model: NSALM  # the final weights, rounded to save_dtype and back, in eval mode
+    metrics: dict[str, Any]
+    recipe: Recipe  # with max_steps as actually fixed
+    out_dir: Path
+
+
+def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | None = None, resume: bool = False,
+          progress: bool = True, corpus_root: str | Path | None = None) -> TrainResult:
+    """Train per recipe into out_dir (see the module docstring); returns the model and its metrics."""
+    out_dir = Path(out_dir)
+    world, rank, local_rank = _init_distributed()
+    device = torch.device(device) if device is not None else _default_device(local_rank)
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    is_main = rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(recipe.seed)
+    model = NSALM(recipe.config)
+    model.reset_parameters(seed=recipe.seed)
+    model.to(device).train()
+    ops, path_name = attention_ops(recipe, device)
+    loss_module = TrainingLoss(model, ops, recipe.answer_weight)
+    step_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda"
+                                                      else None) if world > 1 else loss_module
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+
+    start_step, max_steps, tokens, elapsed_before = 0, recipe.max_steps, 0, 0.0
+    state_path = out_dir / STATE_FILE
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out_dir}")
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, max_steps = int(state["step"]), int(state["max_steps"])
+        tokens, elapsed_before = int(state["tokens"]), float(state["elapsed_s"])
+
+    corpus = data.stdlib_corpus("train", heldout_fraction=recipe.heldout_fraction, root=corpus_root)
+    mix = recipe.task_mix
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
+    log = (out_dir / LOG_FILE).open("a", encoding="utf-8") if is_main else None
+    bar = _progress_bar(progress and is_main, start_step, max_steps, recipe.name)
+    calibrated = recipe.time_budget_s is None or resume
+    step_times: list[float] = []
+    t0 = time.perf_counter()
+    step = start_step
+    while step < max_steps:
+        t_step = time.perf_counter()
+        inputs, targets, answer = data.training_batch(corpus, mix, batch_size=recipe.batch_size,
+                                                      progress=step / max_steps, seed=recipe.seed, rank=rank,
+                                                      step=step)
+        inputs, targets, answer = (x.to(device, non_blocking=True) for x in (inputs, targets, answer))
+        lr = lr_at(recipe, step, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast:
+            loss, text_loss, answer_acc = step_module(inputs, targets, answer)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.step()
+        step += 1
+        tokens += inputs.numel() * world
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_times.append(time.perf_counter() - t_step)
+        if not calibrated and len(step_times) == recipe.calibrate_steps + 2:
+            max_steps = _fit_steps(recipe, step, max_steps, step_times[2:], time.perf_counter() - t0, world)
+            calibrated = True
+            if bar is not None:
+                bar.total = max_steps
+                bar.refresh()
+        if step % recipe.log_every == 0 or step == max_steps:
+            record = {"step": step, "loss": round(loss.item(), 4), "text_loss": round(text_loss.item(), 4),
+                      "answer_acc": round(answer_acc.item(), 4), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
+                      "tokens": tokens, "max_task_len": mix.max_task_len(step / max_steps),
+                      "tokens_per_s": round(inputs.numel() * world / step_times[-1]),
+                      "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 2)}
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.set_postfix(loss=record["loss"], acc=record["answer_acc"], tok_s=record["tokens_per_s"])
+        if bar is not None:
+            bar.update(1)
+        if step % recipe.ckpt_every == 0 and is_main:
+            _save_state(state_path, model, optimizer, step, max_steps, tokens, elapsed_before + time.perf_counter() - t0)
+    train_seconds = elapsed_before + time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    if log is not None:
+        log.close()
+    final = recipe.replace(max_steps=max_steps, time_budget_s=None)
+    if is_main:
+        _save_state(state_path, model, optimizer, step, max_steps, tokens, train_seconds)
+        (out_dir / RECIPE_FILE).write_text(final.to_json(), encoding="utf-8")
+
+    # The shipped weights are the save_dtype rounding of the trained ones: evaluate exactly those.
+    model = _rounded(model, SAVE_DTYPES[recipe.save_dtype]).eval()
+    metrics: dict[str, Any] = {}
+    if is_main:
+        heldout = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction, root=corpus_root)
+        metrics = {
+            "attention": recipe.config.attention,
+            "parameters": model.num_parameters(),
+            "steps": step,
+            "tokens": tokens,
+            "seq_len": recipe.seq_len,
+            "train_seconds": round(train_seconds, 1),
+            "tokens_per_s": round(tokens / max(train_seconds, 1e-9)),
+            "world_size": world,
+            "device": _device_name(device),
+            "attention_path": path_name if recipe.config.attention == "nsa" else "sdpa",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            **evaluate_heldout(model, heldout, seq_len=recipe.seq_len, rows=recipe.eval_rows),
+        }
+        shipped = _rounded(model, SAVE_DTYPES[recipe.save_dtype], keep=True)
+        save_pretrained(shipped, out_dir, metrics=metrics, card=training_card(shipped, final, metrics))
+    if world > 1:
+        dist.barrier()
+    return TrainResult(model, metrics, final, out_dir)
+
+
+@torch.no_grad()
+def evaluate_heldout(model: NSALM, corpus: np.ndarray, *, seq_len: int, rows: int,
+                     batch_size: int = 1) -> dict[str, float]:
+    """Mean next-byte loss over `rows` evenly spaced held-out windows, through the model's own forward."""
+    ids = data.heldout_rows(corpus, seq_len=seq_len, rows=rows).to(model.device)
+    total, count = 0.0, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _no_autocast()
+    for lo in range(0, rows, batch_size):
+        batch = ids[lo:lo + batch_size]
+        with autocast:
+            logits = model(batch[:, :-1], backend="reference")
+        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    loss = total / count
+    return {"heldout_loss_nats_per_byte": round(loss, 5), "heldout_bits_per_byte": round(loss / math.log(2), 5),
+            "heldout_tokens": count}
+
+
+def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah_section: str = "",
+                  command: str | None = None) -> str:
+    """Model card: what the model is, the data, the command, the run, held-out loss, optional NIAH grid."""
+    kind = "Native Sparse Attention" if recipe.config.attention == "nsa" else "dense causal attention (the NSA twin's control)"
+    command = command or f"nsa-explorer train {RECIPE_FILE} --out <dir>"
+    run = (f"{metrics.get('steps')} steps of {recipe.batch_size} x {recipe.seq_len} tokens per process "
+           f"({metrics.get('tokens', 0):,} tokens), {metrics.get('train_seconds')} s on {metrics.get('device')} "
+           f"(world size {metrics.get('world_size')}, torch {metrics.get('torch')}, attention path "
+           f"{metrics.get('attention_path')}).")
+    description = "\n".join([
+        f"A byte-level NSALM with {kind} in every layer, trained from scratch by `nsa-explorer train`.",
+        "",
+        "## Data",
+        "",
+        f"The Python {metrics.get('python', '')} standard library's own `.py` files (found through `sysconfig`, "
+        f"sorted by path; a file is held out when the CRC32 of its path falls in the lowest "
+        f"{recipe.heldout_fraction:.0%}), mixed with synthetic passkey retrieval: a 5-digit key hidden at a random "
+        f"depth of real text and asked for at the end (`{data.QUESTION}` then `<sep>`, the answer ends with `<eos>`), "
+        f"{recipe.multi_key_prob:.0%} of tasks with 2-4 named keys. Rows of {recipe.seq_len} tokens are packed with "
+        f"tasks whose longest length grows from {recipe.min_task_len} to {recipe.seq_len} tokens over the first "
+        f"{recipe.curriculum_frac:.0%} of training.",
+        "",
+        "## Training",
+        "",
+        f"Command: `{command}` (the recipe is `{RECIPE_FILE}` in this folder). {run} AdamW, lr {recipe.lr} with "
+        f"{recipe.warmup_steps} warm-up steps and cosine decay to {recipe.min_lr_ratio} x, bf16 autocast on GPU; "
+        f"weights stored as {recipe.save_dtype}.",
+        "",
+        "## Held-out loss",
+        "",
+        f"{metrics.get('heldout_loss_nats_per_byte')} nats per byte ({metrics.get('heldout_bits_per_byte')} bits per "
+        f"byte) over {metrics.get('heldout_tokens', 0):,} tokens of held-out files, in windows of {recipe.seq_len}.",
+    ])
+    if niah_section:
+        description += "\n\n" + niah_section.strip()
+    flat = {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}
+    return model_card(model, title=recipe.name, description=description, metrics=flat)
+
+
+# helpers ---------------------------------------------------------------------------------------
+
+
+def _fit_steps(recipe: Recipe, step: int, max_steps: int, timed: list[float], elapsed: float, world: int) -> int:
+    """max_steps that fits the time budget at the measured seconds per step (the same on every rank)."""
+    per_step = float(np.median(timed))
+    fitted = step + int((recipe.time_budget_s - elapsed) / per_step)
+    fitted = max(recipe.warmup_steps + 1, min(max_steps, fitted))
+    if world > 1:
+        t = torch.tensor([fitted], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        fitted = int(t.item())
+    return fitted
+
+
+def _rounded(model: NSALM, dtype: torch.dtype, keep: bool = False) -> NSALM:
+    """A copy of model with weights rounded to dtype (kept in dtype when keep, else back to float32)."""
+    copy = NSALM(model.config).to(model.device)
+    copy.load_state_dict({k: v.to(dtype) if keep else v.to(dtype).float() for k, v in model.state_dict().items()})
+    return copy.to(dtype) if keep else copy
+
+
+def _save_state(path: Path, model, optimizer, step, max_steps, tokens, elapsed) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "max_steps": max_steps, "tokens": tokens, "elapsed_s": elapsed}, tmp)
+    os.replace(tmp, path)
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    """(world size, rank, local rank); joins the process group torchrun describes through the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 1, 0, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world, dist.get_rank(), local_rank
+
+
+def _default_device(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+
+
+class _no_autocast:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress_bar(enabled: bool, start: int, total: int, name: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"train {name}", unit="step", dynamic_ncols=True)
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nsa-explorer train", description="Train an NSALM from a recipe.")
+    parser.add_argument("recipe", type=Path, help="recipe JSON (see nsa_core/training.py: Recipe)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (checkpoint, logs, state)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the local GPU if any)")
+    parser.add_argument("--resume", action="store_true", help=f"continue from {STATE_FILE} in --out")
+    parser.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
+    parser.add_argument("--time-budget", type=float, help="override the recipe's time_budget_s (seconds)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        recipe = Recipe.load(args.recipe)
+        changes: dict[str, Any] = {}
+        if args.max_steps is not None:
+            changes["max_steps"] = args.max_steps
+        if args.time_budget is not None:
+            changes["time_budget_s"] = args.time_budget
+        recipe = recipe.replace(**changes)
+    except (OSError, ValueError) as err:
+        print(f"nsa-explorer train: {err}", file=sys.stderr)
+        return 2
+    result = train(recipe, args.out, device=args.device, resume=args.resume, progress=not args.no_progress)
+    if result.metrics:
+        print(json.dumps({k: result.metrics[k] for k in ("steps", "tokens", "train_seconds",
+                                                          "heldout_loss_nats_per_byte")}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
