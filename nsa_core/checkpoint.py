@@ -219,7 +219,14 @@ def load_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     if problems:
         raise CheckpointError(f"{weights}: non-finite weights: {_join(problems)}")
     model.load_state_dict(state, strict=True, assign=True)
-    model = model.to(device=device) if target_dtype is None else model.to(device=device, dtype=target_dtype)
+    if target_dtype is None:
+        return model.to(device=device).eval()
+    model = model.to(device=device, dtype=target_dtype)
+    # Values beyond float16's range (65504) become inf in the conversion.
+    problems = _non_finite(model.state_dict())
+    if problems:
+        raise CheckpointError(f"{weights}: weights overflow {str(target_dtype).removeprefix('torch.')}: "
+                              f"{_join(problems)}")
     return model.eval()
 
 
