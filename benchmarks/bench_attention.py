@@ -1,0 +1,171 @@
+"""NSA forward on the Triton kernels, per stage and whole, against dense attention and fla-core, on one GPU.
+
+    python benchmarks/bench_attention.py [--lengths 8192 16384 32768 65536] [--shapes paper128 paper192 small]
+
+One process, one card, random bfloat16 inputs, medians of triton.testing.do_bench. Shapes:
+paper128 (HQ=64, H=4, dim 128), paper192 (HQ=64, H=4, Dk=192, Dv=128, the paper's dims) and small
+(HQ=16, H=4, G=4, dim 128); NSA geometry l=32, d=16, l'=64, n=16, w=512. Stages: cmp (compressed
+attention + lse), select (scores, remap, group sum, top-n), slc (selected attention, both paths
+timed), win (window alone), win+gate (window with the gated sum fused), nsa (the whole layer).
+Baselines in the same run: SDPA causal under FLASH_ATTENTION and CUDNN_ATTENTION (KV expanded to
+all heads), and fla-core's parallel_nsa where it allows the shape (G >= 16, power of two). The
+ceilings (device copy bandwidth, bf16 matmul rate) are measured too. Writes
+benchmarks/results/<card>-<date>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import kernels  # noqa: E402
+from kernels.common import query_starts  # noqa: E402
+from kernels.interval_attention import MODE_CMP, interval_attention  # noqa: E402
+from kernels.select import _select  # noqa: E402
+from kernels.selected import run_selected  # noqa: E402
+from kernels.window import window_gated_sum  # noqa: E402
+from nsa_core.config import NSAConfig  # noqa: E402
+
+SHAPES = {"paper128": (64, 4, 128, 128), "paper192": (64, 4, 192, 128), "small": (16, 4, 128, 128)}
+GEOMETRY = dict(cmp_block=32, cmp_stride=16, slc_block=64, top_n=16, window=512)
+
+
+def bench(fn):
+    # Long calls need few repeats; do_bench's own estimate sets the count within rep milliseconds.
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def ceilings():
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    y = torch.empty_like(x)
+    copy_ms = bench(lambda: y.copy_(x))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = bench(lambda: a @ b)
+    return {"copy_TBps": 2 * x.numel() / copy_ms / 1e9, "matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def run_shape(name, T, rows, errors):
+    HQ, H, dk, dv = SHAPES[name]
+    G = HQ // H
+    cfg = NSAConfig(n_head=HQ, n_kv_head=H, head_dim=dk, v_head_dim=dv, **GEOMETRY)
+    tc = (T - cfg.cmp_block) // cfg.cmp_stride + 1
+    dev, bf = "cuda", torch.bfloat16
+    q = torch.randn(1, T, HQ, dk, device=dev, dtype=bf)
+    k = torch.randn(1, T, H, dk, device=dev, dtype=bf)
+    v = torch.randn(1, T, H, dv, device=dev, dtype=bf)
+    k_cmp = torch.randn(1, tc, H, dk, device=dev, dtype=bf)
+    v_cmp = torch.randn(1, tc, H, dv, device=dev, dtype=bf)
+    gates = torch.rand(1, T, HQ, 3, device=dev, dtype=bf)
+    pos0 = query_starts(None, 1, 0, q.device)
+    scale = dk**-0.5
+    geo = dict(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride)
+
+    def record(stage, impl, fn):
+        try:
+            ms = bench(fn)
+        except Exception as err:  # a baseline that refuses this shape is reported, not fatal
+            errors.append(f"{name} T={T} {stage}/{impl}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            return None
+        rows.append({"shape": name, "T": T, "stage": stage, "impl": impl, "ms": round(ms, 4)})
+        return ms
+
+    with torch.no_grad():
+        o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, want_lse=True, **geo)
+        idx = _select(q, k_cmp, lse, pos0, **geo, slc_block=64, top_n=16, scale=scale, init_blocks=1, local_blocks=2)
+        o_slc = run_selected(q, k, v, idx, pos0, slc_block=64, scale=scale)
+        record("cmp", "triton", lambda: interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale,
+                                                           want_lse=True, **geo))
+        record("select", "triton", lambda: _select(q, k_cmp, lse, pos0, **geo, slc_block=64, top_n=16, scale=scale,
+                                                   init_blocks=1, local_blocks=2))
+        for path in ("group", "block"):
+            record("slc", f"triton-{path}", lambda p=path: run_selected(q, k, v, idx, pos0, slc_block=64,
+                                                                        scale=scale, path=p))
+        record("win", "triton", lambda: kernels.window_attention(q, k, v, window=512))
+        record("win+gate", "triton", lambda: window_gated_sum(q, k, v, gates, o_cmp, o_slc, pos0, window=512,
+                                                              scale=scale, store_win=False))
+        record("nsa", "triton", lambda: kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg))
+
+        qt = q.transpose(1, 2)
+        ke = k.repeat_interleave(G, 2).transpose(1, 2)
+        ve = v.repeat_interleave(G, 2).transpose(1, 2)
+        for backend, label in ((SDPBackend.FLASH_ATTENTION, "sdpa-flash"), (SDPBackend.CUDNN_ATTENTION, "sdpa-cudnn")):
+            def dense(b=backend):
+                with sdpa_kernel(b):
+                    return F.scaled_dot_product_attention(qt, ke, ve, is_causal=True)
+            record("dense", label, dense)
+        del ke, ve
+        if G >= 16 and G & (G - 1) == 0 and dk == dv:
+            try:
+                from fla.ops.nsa import parallel_nsa
+            except ImportError as err:
+                errors.append(f"fla-core not importable: {err}")
+            else:
+                g_cmp, g_slc = gates[..., 0].contiguous(), gates[..., 1].contiguous()
+                record("nsa-no-window", "fla-parallel_nsa",
+                       lambda: parallel_nsa(q, k, v, g_cmp, g_slc, block_counts=16, block_size=64))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention needs a CUDA GPU", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name()
+    rows, errors = [], []
+    meta = {"card": card, "date": dt.date.today().isoformat(), "torch": torch.__version__,
+            "triton": triton.__version__, "dtype": "bfloat16", "batch": 1, **{k: v for k, v in GEOMETRY.items()},
+            "method": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms, random normal inputs"}
+    try:
+        import fla
+        meta["fla_core"] = getattr(fla, "__version__", "unknown")
+    except ImportError:
+        pass
+    meta.update({k: round(v, 3) for k, v in ceilings().items()})
+    for name in args.shapes:
+        for T in args.lengths:
+            try:
+                run_shape(name, T, rows, errors)
+            except Exception:
+                errors.append(f"{name} T={T}: {traceback.format_exc(limit=3)}")
+            torch.cuda.empty_cache()
+    slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{slug}-{meta['date']}.json"
+    path.write_text(json.dumps({**meta, "errors": errors, "results": rows}, indent=1) + "\n")
+    print(f"{card}: copy {meta['copy_TBps']} TB/s, bf16 matmul {meta['matmul_TFLOPs']} TFLOP/s -> {path}")
+    for err in errors:
+        print("ERROR", err)
+    print(format_table(rows))
+    return 0
+
+
+def format_table(rows):
+    stages = list(dict.fromkeys((r["stage"], r["impl"]) for r in rows))
+    keys = sorted({(r["shape"], r["T"]) for r in rows}, key=lambda x: (list(SHAPES).index(x[0]), x[1]))
+    by = {(r["shape"], r["T"], r["stage"], r["impl"]): r["ms"] for r in rows}
+    head = "| shape | T | " + " | ".join(f"{s} {i}" for s, i in stages) + " |"
+    lines = [head, "|" + "---|" * (len(stages) + 2)]
+    for shape, T in keys:
+        cells = [f"{by[(shape, T, s, i)]:.2f}" if (shape, T, s, i) in by else "-" for s, i in stages]
+        lines.append(f"| {shape} | {T // 1024}k | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
