@@ -100,7 +100,7 @@ def make_random(out_dir: str | os.PathLike | None = None) -> Path:
         "trained": False,
         "parameters": model.num_parameters(),
         "eval_text_bytes": len(EVAL_TEXT.encode("utf-8")),
-        "eval_loss_nats_per_byte": round(eval_loss(model), 4),
+        "eval_loss_nats_per_byte": round(eval_loss(model), 6),
         "uniform_loss_nats_per_byte": round(math.log(model.config.vocab_size), 4),
     }
     description = (

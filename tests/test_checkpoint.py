@@ -420,9 +420,14 @@ def test_nsa_random_is_what_its_documented_command_writes(tmp_path):
     shipped = sample_models.sample_model("nsa-random")
     assert "python -m nsa_core.sample_models --make-random" in read_card(shipped)
     rebuilt = sample_models.make_random(tmp_path / "nsa-random")
-    assert_same_weights(load_pretrained(shipped), load_pretrained(rebuilt))
-    assert read_metrics(rebuilt) == read_metrics(shipped)
+    model = load_pretrained(shipped)
+    assert_same_weights(model, load_pretrained(rebuilt))
     metrics = read_metrics(shipped)
+    # A golden number: the shipped weights under today's model code give the loss recorded when they were made.
+    loss = sample_models.eval_loss(model)
+    assert abs(loss - metrics["eval_loss_nats_per_byte"]) < 1e-5, (
+        f"the model code now gives loss {loss:.6f} on the shipped nsa-random weights, not the recorded "
+        f"{metrics['eval_loss_nats_per_byte']}; if the change is intended, rerun the --make-random command")
     assert metrics["trained"] is False and metrics["parameters"] == 988_568
     assert metrics["uniform_loss_nats_per_byte"] == round(math.log(260), 4)
     assert abs(metrics["eval_loss_nats_per_byte"] - math.log(260)) < 0.2  # untrained: near a uniform guess
