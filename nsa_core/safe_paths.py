@@ -5,7 +5,8 @@ the NSA_CHECKPOINT_ROOTS environment variable (separated by os.pathsep). A user 
 (symlinks followed, `..` collapsed) and accepted only if the result lies inside a resolved root, so
 neither `..` nor a symlink leads out. A relative path is taken relative to each root in turn.
 For a checkpoint directory the files inside it that loading opens are checked the same way, since a
-symlinked config.json could otherwise point anywhere.
+symlinked config.json could otherwise point anywhere. Roots must not be writable by untrusted users:
+a checked path could be swapped for a symlink between the check and the open.
 """
 
 from __future__ import annotations
