@@ -1,0 +1,181 @@
+"""NSALM: causality (layer, model, cached decode), gradients to every parameter, decode equal to prefill.
+
+Tiny models with small blocks (l=8, d=4, l'=16, w=12) so that a hundred tokens cross many compression,
+selection and window boundaries; one case keeps the paper's block sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nsa_core import reference
+from nsa_core.config import NSAConfig
+from nsa_core.model import NSALM
+
+TINY = NSAConfig(d_model=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=8, v_head_dim=6, mlp_hidden=48,
+                 cmp_block=8, cmp_stride=4, slc_block=16, top_n=3, window=12, cmp_mlp_hidden=16)
+VARIANTS = {
+    "mlp-shared": TINY,
+    "mlp-independent": TINY.replace(kv_mode="independent"),
+    "mean-shared": TINY.replace(cmp_fn="mean"),
+    "mean-independent": TINY.replace(cmp_fn="mean", kv_mode="independent"),
+    "paper-blocks": TINY.replace(cmp_block=32, cmp_stride=16, slc_block=64, top_n=4, window=40),
+    "dense": TINY.replace(attention="dense"),
+}
+# fp32 on the CPU: cached and full computations differ only by summation order (about 1e-6 on O(1) logits).
+CLOSE = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Decode runs thousands of tiny ops, where thread synchronisation costs more than the math (40x on a
+    busy 2-core machine); one thread keeps this file fast whatever else the machine runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(name):
+    torch.manual_seed(0)
+    model = NSALM(VARIANTS[name]).eval()
+    # Unit-scale weights (the training init is 0.02) make logits O(1) and every branch matter, and non-zero
+    # biases and position encodings hide no parameter's effect behind its init value.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(("bias", "b1", "b2", "pos_emb")):
+                p.normal_(0, 0.1)
+            elif p.dim() == 2 and "norm" not in pname:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return model
+
+
+def random_ids(batch, length, seed=1):
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# Causality ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp-independent", "mean-shared", "paper-blocks", "dense"])
+def test_model_is_causal(name):
+    model = make_model(name)
+    ids = random_ids(2, 150)
+    with torch.no_grad():
+        logits = model(ids)
+        for t in [0, 7, 15, 16, 63, 100]:
+            changed = ids.clone()
+            changed[:, t + 1:] = random_ids(2, 149 - t, seed=t + 2)
+            after = model(changed)
+            assert torch.equal(logits[:, : t + 1], after[:, : t + 1]), t
+            assert not torch.equal(logits[:, t + 1:], after[:, t + 1:])
+
+
+@pytest.mark.parametrize("name", ["mlp-shared", "mean-independent"])
+def test_attention_layer_is_causal(name):
+    """One layer's NSA output, every part included, from hidden states perturbed after t."""
+    attn = make_model(name).layers[0].attn
+    x = torch.randn(1, 120, 32)
+    with torch.no_grad():
+        _, (_, parts) = attn(x, ops=reference, return_parts=True)
+        for t in [3, 11, 40, 95]:
+            changed = x.clone()
+            changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:])
+            _, (_, after) = attn(changed, ops=reference, return_parts=True)
+            for field, a, b in zip(parts._fields, parts, after, strict=True):
+                assert torch.equal(a[:, : t + 1], b[:, : t + 1]), (t, field)
+
+
+@pytest.mark.parametrize("name", ["mlp-independent", "dense"])
+def test_cached_decode_is_causal(name):
+    """A chunk stepped through the KV cache: tokens late in the chunk change nothing before them."""
+    model = make_model(name)
+    ids = random_ids(1, 90)
+    outputs = []
+    for tail_seed in (10, 11):
+        chunk = ids[:, 60:].clone()
+        chunk[:, 20:] = random_ids(1, 10, seed=tail_seed)
+        cache = model.new_cache()
+        prefix_logits = model.step(ids[:, :60], cache)
+        outputs.append((prefix_logits, model.step(chunk, cache)))
+    (prefix_a, chunk_a), (prefix_b, chunk_b) = outputs
+    assert torch.equal(prefix_a, prefix_b)
+    assert torch.equal(chunk_a[:, :20], chunk_b[:, :20])
+    assert not torch.equal(chunk_a[:, 20:], chunk_b[:, 20:])
+
+
+# Gradients ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gradients_reach_every_parameter(name):
+    model = make_model(name).train()
+    ids = random_ids(2, 100)
+    logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    names = {n for n, _ in model.named_parameters()}
+    if name == "dense":
+        assert not any("compress" in n or "attn.gate" in n for n in names)
+    else:
+        assert any("gate" in n for n in names)
+        assert any("pos_emb" in n for n in names) == (model.config.cmp_fn == "mlp")
+        assert any("k_proj.cmp" in n for n in names) == (model.config.kv_mode == "independent")
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, pname
+
+
+def test_gradients_are_finite_when_no_compressed_token_exists():
+    """Shorter than one compression window: the compressed branch is empty everywhere."""
+    model = make_model("mlp-shared").train()
+    logits = model(random_ids(2, 7))
+    logits.logsumexp(-1).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), pname
+
+
+# Decode against prefill --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp-shared", "mean-independent", "paper-blocks", "dense"])
+def test_generate_logits_equal_prefill_logits(name):
+    """Greedy decoding token by token, across many d, l, l' and window boundaries."""
+    model = make_model(name)
+    prompt = random_ids(2, 5 if name != "paper-blocks" else 50)
+    steps = 70 if name != "paper-blocks" else 90  # paper blocks: crosses 64 and 128
+    tokens, logits = model.generate(prompt, max_new_tokens=steps, stop_token=None, return_logits=True)
+    assert tokens.shape == (2, steps) and logits.shape == (2, steps, 260)
+    full = model(torch.cat([prompt, tokens], 1))
+    torch.testing.assert_close(logits, full[:, prompt.shape[1] - 1: -1], **CLOSE)
+    assert torch.equal(tokens, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("name", ["mlp-independent", "mean-shared", "paper-blocks"])
+def test_chunked_prefill_equals_full_prefill(name):
+    model = make_model(name)
+    ids = random_ids(2, 150)
+    cache = model.new_cache()
+    pieces, start = [], 0
+    for size in [7, 1, 13, 30, 2, 19, 1, 1, 40, 36]:
+        pieces.append(model.step(ids[:, start:start + size], cache))
+        start += size
+    assert start == 150 and all(c.length == 150 for c in cache)
+    torch.testing.assert_close(torch.cat(pieces, 1), model(ids), **CLOSE)
+
+
+def test_compressed_cache_matches_recomputed_compression():
+    """After decoding, the cache holds exactly the compressed tokens a full pass computes."""
+    model = make_model("mlp-independent")
+    ids = random_ids(1, 77)
+    cache = model.new_cache()
+    for t in range(77):
+        model.step(ids[:, t:t + 1], cache)
+    attn = model.layers[0].attn
+    inputs = attn.inputs(model.layers[0].attn_norm(model.embed(ids)), torch.arange(77))
+    assert cache[0].k_cmp.shape[1] == (77 - 8) // 4 + 1
+    torch.testing.assert_close(cache[0].k_cmp, inputs.k_cmp, **CLOSE)
+    torch.testing.assert_close(cache[0].v_cmp, inputs.v_cmp, **CLOSE)
+    assert cache[0].staging_k.shape[1] < 8  # only what the next window still reads
