@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Compiled kernels read module globals only as constexpr (the interpreter is laxer).
+_LOG2E_K = tl.constexpr(LOG2E)
+_LN2_K = tl.constexpr(0.6931471805599453)
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per tile
 
@@ -80,7 +82,7 @@ def _lse_kernel(Q, K, LSE, COV, BIDX,
             covered = covered * alpha + tl.sum(tl.where(inside, p, 0.0), 1)
         m = m_new
     HQ = tl.num_programs(1)
-    tl.store(LSE + rows * HQ + hq, (m + tl.log2(total)) * LN2, mask=row_ok)
+    tl.store(LSE + rows * HQ + hq, (m + tl.log2(total)) * _LN2_K, mask=row_ok)
     if HAS_COVER:
         tl.store(COV + rows * HQ + hq, covered / total, mask=row_ok)
 
@@ -103,7 +105,7 @@ def _binned_kernel(Q, K, LSE, OUT, OUTC, BIDX,
     dims = tl.arange(0, BD)
     q = tl.load(Q + rows[:, None] * stride_qt + hq * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)  # [BM, BD]
-    lse2 = tl.load(LSE + rows * HQ + hq, mask=row_ok, other=0.0) * LOG2E  # [BM]
+    lse2 = tl.load(LSE + rows * HQ + hq, mask=row_ok, other=0.0) * _LOG2E_K  # [BM]
     key_end = tl.minimum(k_hi, q_start + tl.minimum(pid_m * BM + BM, TQ))  # keys past it carry no mass
     live_cells = tl.maximum(tl.cdiv(key_end - k_lo, cell), 0)
     cells = tl.arange(0, NB)
