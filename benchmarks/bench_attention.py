@@ -117,10 +117,62 @@ def run_shape(name, T, rows, errors):
                        lambda: parallel_nsa(q, k, v, g_cmp, g_slc, block_counts=16, block_size=64))
 
 
+def tune(rows, errors, T):
+    """Launch-parameter sweep at one length; rows carry stage "tune:<knob>" and the setting as impl."""
+    import kernels.interval_attention as ia
+    import kernels.select as ks
+    import kernels.selected as kslc
+
+    default_cfg = ia._launch_config
+    for name in ("paper192", "paper128"):
+        HQ, H, dk, dv = SHAPES[name]
+        tc = (T - 32) // 16 + 1
+        q = torch.randn(1, T, HQ, dk, device="cuda", dtype=torch.bfloat16)
+        k_cmp = torch.randn(1, tc, H, dk, device="cuda", dtype=torch.bfloat16)
+        v_cmp = torch.randn(1, tc, H, dv, device="cuda", dtype=torch.bfloat16)
+        pos0 = query_starts(None, 1, 0, q.device)
+        for cfg in ((64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 1), (64, 64, 4, 2)):
+            ia._launch_config = lambda G, dk, dv, on_gpu, c=cfg: (max(c[0], G), *c[1:])
+            try:
+                ms = bench(lambda: interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=dk**-0.5,
+                                                      cmp_block=32, cmp_stride=16, want_lse=True))
+                rows.append({"shape": name, "T": T, "stage": "tune:cmp", "impl": "R{}-N{}-w{}-s{}".format(*cfg),
+                             "ms": round(ms, 4)})
+            except Exception as err:
+                errors.append(f"tune cmp {name} {cfg}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        ia._launch_config = default_cfg
+    default_merge = ks.MERGE_BLOCKS
+    for name in ("paper128", "small"):
+        HQ, H, dk, dv = SHAPES[name]
+        tc = (T - 32) // 16 + 1
+        q = torch.randn(1, T, HQ, dk, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, T, H, dk, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, T, H, dv, device="cuda", dtype=torch.bfloat16)
+        k_cmp = torch.randn(1, tc, H, dk, device="cuda", dtype=torch.bfloat16)
+        pos0 = query_starts(None, 1, 0, q.device)
+        _, lse = interval_attention(q, k_cmp, k_cmp, pos0, mode=MODE_CMP, scale=dk**-0.5, cmp_block=32, cmp_stride=16,
+                                    want_lse=True)
+        for merge in (1, 4, 8):
+            ks.MERGE_BLOCKS = merge
+            ms = bench(lambda: _select(q, k_cmp, lse, pos0, cmp_block=32, cmp_stride=16, slc_block=64, top_n=16,
+                                       scale=dk**-0.5, init_blocks=1, local_blocks=2))
+            rows.append({"shape": name, "T": T, "stage": "tune:select", "impl": f"merge{merge}", "ms": round(ms, 4)})
+        ks.MERGE_BLOCKS = default_merge
+        idx = _select(q, k_cmp, lse, pos0, cmp_block=32, cmp_stride=16, slc_block=64, top_n=16, scale=dk**-0.5,
+                      init_blocks=1, local_blocks=2)
+        for block_rows in (64, 128):
+            kslc.BLOCK_PATH_ROWS = block_rows
+            ms = bench(lambda: run_selected(q, k, v, idx, pos0, slc_block=64, scale=dk**-0.5, path="block"))
+            rows.append({"shape": name, "T": T, "stage": "tune:slc-block", "impl": f"rows{block_rows}",
+                         "ms": round(ms, 4)})
+        kslc.BLOCK_PATH_ROWS = 64
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tune", type=int, default=0, help="also sweep launch parameters at this length")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -144,6 +196,11 @@ def main(argv=None) -> int:
             except Exception:
                 errors.append(f"{name} T={T}: {traceback.format_exc(limit=3)}")
             torch.cuda.empty_cache()
+    if args.tune:
+        try:
+            tune(rows, errors, args.tune)
+        except Exception:
+            errors.append(f"tune: {traceback.format_exc(limit=3)}")
     slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{slug}-{meta['date']}.json"

@@ -10,8 +10,8 @@ No [T, Tc] or [T, Ns] matrix is ever stored. One program owns BT queries x the G
 (row r -> query r // GP, head r % GP, GP = G rounded up to a power of two so that the group sum is
 a reshape). It walks the candidate blocks in chunks of NB, reading the NB * l'/d compressed keys that
 start inside them; the last l/d - 1 of those also overlap the next chunk's first block, and that
-share is carried over in a [BT] register instead of re-reading keys. Each chunk's NB scores are
-merged into a running top-n list by n rounds of "take the largest remaining key of either list",
+share is carried over in a [BT] register instead of re-reading keys. Every NM = MERGE_BLOCKS * NB
+blocks, the candidates are merged into a running top-n list by n rounds of "take the largest remaining key of either list",
 which keeps the state at [BT, n] whatever the sequence length. Score and block id travel packed in
 one int64 (score bits high, so that integer order is score order for the non-negative scores;
 ~id low, so that keys are unique and ties go to the lower block id, like the reference's stable
@@ -32,6 +32,8 @@ import triton.language as tl
 from .common import LOG2E, check_qkv, dot_precision, forward_only, last_dim_contiguous, pow2, query_starts, \
     resolve_scale
 
+# Blocks scored between two top-n merges, in units of the NB blocks one score tile covers.
+MERGE_BLOCKS = 4
 ID_BITS = 20  # block ids live in the low bits of the packed sort key
 MAX_BLOCKS = 1 << ID_BITS
 
@@ -43,7 +45,7 @@ def _select_blocks_kernel(
     sqb, sqt, sqh, skb, skt, skh, slb, slt, slh,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
-    TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, BC: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, NM: tl.constexpr, BC: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
     PREC: tl.constexpr,
 ):
     R: tl.constexpr = BT * GP
@@ -92,36 +94,47 @@ def _select_blocks_kernel(
 
     carry = tl.zeros([BT], tl.float32)
     col = tl.arange(0, NP)
+    colm = tl.arange(0, NM)
     top = tl.full([BT, NP], -1, tl.int64)  # packed keys of the best blocks so far, -1 = empty
     kc_base = KC + b64 * skb + h * skh
-    for j0 in range(0, last_block + 1, NB):
-        i = j0 * PER_BLOCK + i_loc  # [BC] compressed token ids
-        i_ok = (i_loc < CHUNK) & (i < TC)
-        kt = tl.load(kc_base + i.to(tl.int64)[None, :] * skt + dk[:, None], mask=i_ok[None, :] & (dk[:, None] < DK),
-                     other=0.0)  # [BDK, BC]
-        s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, BC]
-        live = row_live[:, None] & i_ok[None, :] & (i[None, :] < seen_row[:, None])
-        p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
-        p = tl.sum(tl.reshape(p, [BT, GP, BC]), 1)  # [BT, BC] group sum (Eq. 10)
-        if BT >= 16:
-            blk = tl.dot(p, w, input_precision="ieee")  # [BT, NB]
-        else:
-            blk = tl.sum(p[:, :, None] * w[None, :, :], 1)
-        blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
-        carry = tl.sum(p * w_next[None, :], 1)
+    for m0 in range(0, last_block + 1, NM):
+        # Score NM blocks, NB at a time, into one candidate list, then merge once: the merge rounds are
+        # cross-thread reductions, so they are paid once per NM blocks rather than once per NB.
+        cand = tl.full([BT, NM], -1, tl.int64)
+        for sub in tl.static_range(NM // NB):
+            j0 = m0 + sub * NB
+            i = j0 * PER_BLOCK + i_loc  # [BC] compressed token ids
+            i_ok = (i_loc < CHUNK) & (i < TC)
+            kt = tl.load(kc_base + i.to(tl.int64)[None, :] * skt + dk[:, None],
+                         mask=i_ok[None, :] & (dk[:, None] < DK), other=0.0)  # [BDK, BC]
+            s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, BC]
+            live = row_live[:, None] & i_ok[None, :] & (i[None, :] < seen_row[:, None])
+            p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.sum(tl.reshape(p, [BT, GP, BC]), 1)  # [BT, BC] group sum (Eq. 10)
+            if BT >= 16:
+                blk = tl.dot(p, w, input_precision="ieee")  # [BT, NB]
+            else:
+                blk = tl.sum(p[:, :, None] * w[None, :, :], 1)
+            blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
+            carry = tl.sum(p * w_next[None, :], 1)
 
-        j = j0 + jl  # [NB] global block ids
-        forced = (j[None, :] < INIT) | ((j[None, :] > cur[:, None] - LOCAL) & (j[None, :] <= cur[:, None]))
-        score = tl.where(forced, float("inf"), blk)
-        key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 20) | (ID_MASK - j)[None, :]
-        key = tl.where(j[None, :] <= cur[:, None], key, -1)
+            j = j0 + jl  # [NB] global block ids
+            forced = (j[None, :] < INIT) | ((j[None, :] > cur[:, None] - LOCAL) & (j[None, :] <= cur[:, None]))
+            score = tl.where(forced, float("inf"), blk)
+            key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 20) | (ID_MASK - j)[None, :]
+            key = tl.where(j[None, :] <= cur[:, None], key, -1)
+            if NM == NB:
+                cand = key
+            else:  # columns sub*NB .. sub*NB + NB - 1 of the candidate list
+                spread = tl.reshape(tl.broadcast_to(key[:, None, :], [BT, NM // NB, NB]), [BT, NM])
+                cand = tl.where((colm // NB == sub)[None, :], spread, cand)
         # Merge: TOP_N rounds of "take the largest remaining key of either list"; keys are unique.
         merged = tl.full([BT, NP], -1, tl.int64)
         for slot in tl.static_range(TOP_N):
-            best = tl.maximum(tl.max(top, 1), tl.max(key, 1))[:, None]
+            best = tl.maximum(tl.max(top, 1), tl.max(cand, 1))[:, None]
             merged = tl.where(col[None, :] == slot, best, merged)
             top = tl.where(top == best, -1, top)
-            key = tl.where(key == best, -1, key)
+            cand = tl.where(cand == best, -1, cand)
         top = merged
 
     # Ascending ids, then -1: TOP_N rounds of "take the smallest remaining id".
@@ -144,10 +157,10 @@ def _launch_config(G: int, dk: int, top_n: int, per_block: int, on_gpu: bool):
         nb *= 2
     bc = pow2(nb * per_block, 16)
     if not on_gpu:  # the interpreter pays per operation, not per element: few, large programs
-        return gp, max(1, 64 // gp), nb, bc, 4, 1
+        return gp, max(1, 64 // gp), nb, 2 * nb, bc, 4, 1
     rows = 64 if max(pow2(dk), bc) > 128 else 128
     bt = max(1, rows // gp)
-    return gp, bt, nb, bc, 8, 2
+    return gp, bt, nb, MERGE_BLOCKS * nb, bc, 8, 2
 
 
 def select_blocks(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, top_n, scale=None, q_start=None,
@@ -192,7 +205,7 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
     q, k_cmp = last_dim_contiguous(q), last_dim_contiguous(k_cmp)
     lse = lse.float()
     idx = torch.empty(B, TQ, H, top_n, device=q.device, dtype=torch.int32)
-    gp, bt, nb, bc, warps, stages = _launch_config(G, DK, top_n, slc_block // cmp_stride, q.is_cuda)
+    gp, bt, nb, nm, bc, warps, stages = _launch_config(G, DK, top_n, slc_block // cmp_stride, q.is_cuda)
     if B * TQ * H:
         grid = (triton.cdiv(TQ, bt), B * H)
         _select_blocks_kernel[grid](
@@ -200,7 +213,7 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
             q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
             G=G, GP=gp, BT=bt, DK=DK, BLOCK_DK=pow2(DK, 16), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-            SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, BC=bc, INIT=init_blocks, LOCAL=local_blocks,
+            SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, NM=nm, BC=bc, INIT=init_blocks, LOCAL=local_blocks,
             PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         )
     return idx

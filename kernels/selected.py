@@ -143,6 +143,8 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None):
 
 # Groups up to this size take the block-centric path by default.
 BLOCK_PATH_MAX_GROUP = 8
+# Rows (pairs x G) per block-centric program on a GPU: more pairs per program, fewer re-reads of a block.
+BLOCK_PATH_ROWS = 64
 
 
 def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common):
@@ -151,7 +153,7 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common):
     G, n = HQ // H, block_idx.shape[-1]
     num_slc = triton.cdiv(TK, common["SLC_BLOCK"])
     num_seg = B * H * num_slc
-    block_r = max(64 if q.is_cuda else 32, pow2(G, 16))
+    block_r = max(BLOCK_PATH_ROWS if q.is_cuda else 32, pow2(G, 16))
     per_prog = block_r // G  # (query, slot) pairs per program
 
     # Pairs (b, t, h, slot) sorted by segment (b, h, block); empty slots sort last and are never read.

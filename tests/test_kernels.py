@@ -129,6 +129,19 @@ def test_select_blocks_other_geometries(geometry):
     assert_same_selection(idx, idx_ref, scores, torch.arange(70)[None].expand(2, 70), slc_block=ls)
 
 
+def test_select_blocks_across_score_chunks_and_merges():
+    """80 selection blocks: several score tiles and top-n merges, and the overlap carried between tiles."""
+    l, d, ls, n = 8, 4, 8, 6
+    q, _, _ = _qkv(1, 640, 640, 1, 2)
+    k_cmp = torch.randn(1, (640 - l) // d + 1, 1, 16)
+    _, lse = ref.compressed_attention(q, k_cmp, k_cmp, cmp_block=l, cmp_stride=d)
+    args = dict(cmp_block=l, cmp_stride=d, slc_block=ls, top_n=n)
+    idx = kernels.select_blocks(q, k_cmp, lse, **args)
+    scores = ref.importance_scores(q, k_cmp, lse, cmp_block=l, cmp_stride=d, slc_block=ls)
+    assert_same_selection(idx, ref.select_blocks(q, k_cmp, lse, **args), scores, torch.arange(640)[None],
+                          slc_block=ls)
+
+
 def test_select_blocks_last_queries_of_longer_sequence():
     q, _, _ = _qkv(2, 6, 6, 2, 4)
     k_cmp, v_cmp = _cmp_kv(2, 300, 2)
@@ -141,9 +154,9 @@ def test_select_blocks_last_queries_of_longer_sequence():
     assert_same_selection(idx, idx_ref, scores, starts[:, None] + torch.arange(6), slc_block=L_SLC)
 
 
-def _random_block_idx(B, TQ, H, n, pos):
+def _random_block_idx(B, TQ, H, n, pos, slc_block=L_SLC):
     """Valid causal block ids ascending then -1, with a random number of empty slots per row."""
-    cur = pos // L_SLC  # [B, TQ]
+    cur = pos // slc_block  # [B, TQ]
     scores = torch.rand(B, TQ, H, int(cur.max()) + 1)
     scores = scores.masked_fill(torch.arange(scores.shape[-1]) > cur[..., None, None], -1)
     top = scores.topk(min(n, scores.shape[-1]), -1)

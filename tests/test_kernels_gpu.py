@@ -91,7 +91,8 @@ def test_decode_and_chunked_prefill_bf16():
     q, k, v, k_cmp, v_cmp = _inputs(6000, 32, 4, 128, 128, B=2)
     starts = torch.tensor([5990, 3000], device="cuda")
     q = q[:, :7]
-    idx = _random_block_idx(2, 7, 4, 16, (starts[:, None] + torch.arange(7, device="cuda")).cpu()).cuda()
+    pos = (starts[:, None] + torch.arange(7, device="cuda")).cpu()
+    idx = _random_block_idx(2, 7, 4, 16, pos, slc_block=64).cuda()
     d64 = [x.double() for x in (q, k, v)]
     for path in ("group", "block"):
         o = run_selected(q, k, v, idx, starts, slc_block=64, scale=128 ** -0.5, path=path)
