@@ -8,6 +8,8 @@ Conventions every builder follows (Streamlit 1.67 renders with its bundled plotl
 - A heatmap cell cannot be clicked in Streamlit (plotly.js heatmaps emit no selection events), so each
   clickable map carries a transparent scatter overlay with one marker per cell; the overlay also
   carries the hover text. Overlays are capped at `MAX_OVERLAY` markers.
+- Maps keep plotly's default drag mode: in "select" mode a plain click selects nothing in Streamlit,
+  so clicking stays the main gesture and box selection (for zooming) is one toolbar button away.
 - Arrays go out as float32 (typed-array encoded), so a 512 x 512 map costs about 1 MB of JSON.
 """
 
@@ -184,7 +186,7 @@ def selection_map(selected: np.ndarray, q_edges: np.ndarray, k_edges: np.ndarray
     if overlay is not None:
         fig.add_trace(overlay)
     _map_axes(fig, q_edges, k_edges, zoom=zoom)
-    fig.update_layout(legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"), dragmode="select")
+    fig.update_layout(legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
     return _layout(fig, title=title, height=520)
 
 
@@ -228,7 +230,6 @@ def nsa_vs_dense(mass: np.ndarray, covered: np.ndarray, q_edges: np.ndarray, k_e
         if overlay is not None:
             fig.add_trace(overlay)
         _map_axes(fig, q_edges, k_edges, row=1, col=i + 1, zoom=zoom, ylabel=i == 0)
-    fig.update_layout(dragmode="select")
     return _layout(fig, height=440)
 
 

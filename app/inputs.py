@@ -36,7 +36,9 @@ def input_panel(limit: int) -> ModelInput:
         with left:
             kind = st.segmented_control("Input", KINDS, key="text_kind", default=KINDS[0], required=True)
         with right:
-            st.session_state.setdefault("max_tokens", min(1024, limit))
+            # The URL or another page may have set it; keep it inside this device's range.
+            wanted = st.session_state.get("max_tokens", min(1024, limit))
+            st.session_state["max_tokens"] = min(max(int(wanted), MIN_TOKENS), limit)
             max_tokens = int(st.number_input("Max tokens", min_value=MIN_TOKENS, max_value=limit, step=256,
                                              key="max_tokens",
                                              help=f"Longer inputs are cut. Limit on this device: {limit} tokens."))

@@ -78,11 +78,12 @@ def _load_session_model() -> cache.LoadedModel | None:
         loaded = cache.load_model(source, choice.device, choice.dtype)
     except Exception as err:  # any failed load must leave the app serving; the message says what broke
         st.error(f"Could not open checkpoint **{cache.source_label(source)}**: {err}")
-        previous = st.session_state.get(_LAST_GOOD)
-        if previous and previous != source:
-            st.session_state["ckpt"] = previous
-            return cache.load_model(previous, choice.device, choice.dtype)
-        return None
+        # Fall back to the last model that worked in this session, else the default one.
+        fallback = st.session_state.get(_LAST_GOOD) or default_source()
+        if fallback == source:
+            return None
+        st.session_state["ckpt"] = fallback
+        return _load_session_model()
     st.session_state[_LAST_GOOD] = source
     return loaded
 

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-# Query parameter -> parser. zoom is "q_lo,q_hi,k_lo,k_hi" (half-open token ranges).
-VIEW_KEYS = ("ckpt", "layer", "head", "query", "zoom", "len", "depth")
+# Query parameter -> parser. zoom is "q_lo,q_hi,k_lo,k_hi" (half-open token ranges); tokens is the
+# input length limit (session key max_tokens); len and depth are the needle page's cell.
+VIEW_KEYS = ("ckpt", "tokens", "layer", "head", "query", "zoom", "len", "depth")
+# URL name -> session state key, where they differ.
+_SESSION_KEYS = {"tokens": "max_tokens"}
 _URL_LOADED = "_url_loaded"
 _URL_NOTES = "_url_notes"
 
@@ -80,7 +83,14 @@ def _checkpoint(text: str) -> str:
     return text
 
 
-_PARSERS = {"ckpt": _checkpoint, "layer": _nonnegative_int, "head": _nonnegative_int, "query": _nonnegative_int,
+def _tokens(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise ValueError(f"must be >= 2, got {value}")
+    return value
+
+
+_PARSERS = {"ckpt": _checkpoint, "tokens": _tokens, "layer": _nonnegative_int, "head": _nonnegative_int, "query": _nonnegative_int,
             "zoom": Zoom.from_param, "len": _nonnegative_int, "depth": _depth}
 
 
@@ -114,7 +124,7 @@ def load_url_once() -> None:
         return
     values, notes = parse_params({k: st.query_params[k] for k in st.query_params})
     for key, value in values.items():
-        st.session_state[key] = value
+        st.session_state[_SESSION_KEYS.get(key, key)] = value
     st.session_state[_URL_NOTES] = notes
     st.session_state[_URL_LOADED] = True
 
@@ -125,7 +135,7 @@ def url_notes() -> list[str]:
 
 def publish(keys: tuple[str, ...]) -> None:
     """Mirror the given view keys from session state into the URL (dropping those that are unset)."""
-    wanted = encode_params({k: st.session_state.get(k) for k in keys})
+    wanted = encode_params({k: st.session_state.get(_SESSION_KEYS.get(k, k)) for k in keys})
     for key in keys:
         if key not in wanted and key in st.query_params:
             del st.query_params[key]

@@ -24,11 +24,11 @@ state.load_url_once()
 inputs.keep_inputs()
 
 PAGES = [
-    st.Page("pages/explorer.py", title="Explorer", icon=":material/grid_on:", default=True),
-    st.Page("pages/model.py", title="Model", icon=":material/memory:"),
-    st.Page("pages/gates.py", title="Gates", icon=":material/tune:"),
-    st.Page("pages/needle.py", title="Needle", icon=":material/search:"),
-    st.Page("pages/performance.py", title="Performance", icon=":material/speed:"),
+    st.Page("views/explorer.py", title="Explorer", icon=":material/grid_on:", default=True),
+    st.Page("views/model.py", title="Model", icon=":material/memory:"),
+    st.Page("views/gates.py", title="Gates", icon=":material/tune:"),
+    st.Page("views/needle.py", title="Needle", icon=":material/search:"),
+    st.Page("views/performance.py", title="Performance", icon=":material/speed:"),
 ]
 page = st.navigation(PAGES, position="top")
 for note in state.url_notes():

@@ -16,7 +16,7 @@ from app.state import Zoom
 from nsa_core import analysis, masks, tokenizer
 
 MAP_CELLS = 64  # cells per side of a clickable map (the overlay then has at most 64 x 64 markers)
-VIEW_KEYS = ("ckpt", "layer", "head", "query", "zoom")
+VIEW_KEYS = ("ckpt", "tokens", "layer", "head", "query", "zoom")
 
 st.title("Explorer")
 loaded = session.model()
@@ -101,9 +101,10 @@ def maps_and_inspector(source: str, device: str, dtype: str, ids: tuple[int, ...
         z1.caption(f"Zoomed to queries {zoom.q_lo}–{zoom.q_hi - 1}, keys {zoom.k_lo}–{zoom.k_hi - 1}.")
         if z2.button("Reset zoom", key="reset_zoom", icon=":material/zoom_out_map:"):
             st.session_state["zoom"] = None
-            st.rerun(scope="fragment")
+            st.rerun()
     else:
-        st.caption("Click a cell to inspect its query; drag a box to zoom into a region.")
+        st.caption("Click a cell to inspect its query. To zoom into a region, pick **Box Select** in the chart's "
+                   "toolbar and drag a box: the map is recomputed at a finer grid.")
     inspector(source, device, dtype, ids, layer, head, needle_span)
     state.publish(VIEW_KEYS)
 
@@ -114,7 +115,7 @@ def _apply_map_event(event, T: int) -> None:
     if box is not None and st.session_state.get("_box_seen") != box:
         st.session_state["_box_seen"] = box
         st.session_state["zoom"] = Zoom.from_box(box[0], box[1], length=T)
-        st.rerun(scope="fragment")
+        st.rerun()
     if points and len(points) == 1 and st.session_state.get("_click_seen") != points[0]:
         st.session_state["_click_seen"] = points[0]
         st.session_state["query"] = min(max(int(round(float(points[0]["y"]))), 0), T - 1)
