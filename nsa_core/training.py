@@ -183,8 +183,13 @@ class TrainResult:
 
 
 def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | None = None, resume: bool = False,
-          progress: bool = True, corpus_root: str | Path | None = None) -> TrainResult:
-    """Train per recipe into out_dir (see the module docstring); returns the model and its metrics."""
+          progress: bool = True, corpus_root: str | Path | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train per recipe into out_dir (see the module docstring); returns the model and its metrics.
+
+    stop_after: leave after this many steps of this call with the state saved (no evaluation, no
+    checkpoint), for runs split over several machine sessions; `resume=True` continues it.
+    corpus_root: the standard-library folder to read (default: this Python's).
+    """
     out_dir = Path(out_dir)
     world, rank, local_rank = _init_distributed()
     device = torch.device(device) if device is not None else _default_device(local_rank)
@@ -229,7 +234,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     step_times: list[float] = []
     t0 = time.perf_counter()
     step = start_step
-    while step < max_steps:
+    while step < max_steps and (stop_after is None or step - start_step < stop_after):
         t_step = time.perf_counter()
         inputs, targets, answer = data.training_batch(corpus, mix, batch_size=recipe.batch_size,
                                                       progress=step / max_steps, seed=recipe.seed, rank=rank,
@@ -271,6 +276,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         if step % recipe.ckpt_every == 0 and is_main:
             _save_state(state_path, model, optimizer, step, max_steps, tokens, elapsed_before + time.perf_counter() - t0)
     train_seconds = elapsed_before + time.perf_counter() - t0
+    replicas_identical = _replicas_identical(model) if world > 1 else None
     if bar is not None:
         bar.close()
     if log is not None:
@@ -279,6 +285,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     if is_main:
         _save_state(state_path, model, optimizer, step, max_steps, tokens, train_seconds)
         (out_dir / RECIPE_FILE).write_text(final.to_json(), encoding="utf-8")
+    if step < max_steps:  # stopped on request: the state is saved and --resume finishes the run
+        return TrainResult(model.eval(), {}, final, out_dir)
 
     # The shipped weights are the save_dtype rounding of the trained ones: evaluate exactly those.
     model = _rounded(model, SAVE_DTYPES[recipe.save_dtype]).eval()
@@ -294,6 +302,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
             "train_seconds": round(train_seconds, 1),
             "tokens_per_s": round(tokens / max(train_seconds, 1e-9)),
             "world_size": world,
+            **({"ddp_replicas_identical": replicas_identical} if world > 1 else {}),
             "device": _device_name(device),
             "attention_path": path_name if recipe.config.attention == "nsa" else "sdpa",
             "torch": torch.__version__,
@@ -379,6 +388,16 @@ def _fit_steps(recipe: Recipe, step: int, max_steps: int, timed: list[float], el
     return fitted
 
 
+def _replicas_identical(model: NSALM) -> bool:
+    """Whether every rank holds bit-identical weights (DDP's promise), checked against rank 0's."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    same = torch.tensor([1.0 if torch.equal(flat, ref) else 0.0], device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item() == 1.0)
+
+
 def _rounded(model: NSALM, dtype: torch.dtype, keep: bool = False) -> NSALM:
     """A copy of model with weights rounded to dtype (kept in dtype when keep, else back to float32)."""
     copy = NSALM(model.config).to(model.device)
@@ -437,6 +456,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
     parser.add_argument("--time-budget", type=float, help="override the recipe's time_budget_s (seconds)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--corpus-root", type=Path, help="standard-library folder to read (default: this Python's)")
     args = parser.parse_args(argv)
     try:
         recipe = Recipe.load(args.recipe)
@@ -449,7 +469,8 @@ def cli(argv: list[str]) -> int:
     except (OSError, ValueError) as err:
         print(f"nsa-explorer train: {err}", file=sys.stderr)
         return 2
-    result = train(recipe, args.out, device=args.device, resume=args.resume, progress=not args.no_progress)
+    result = train(recipe, args.out, device=args.device, resume=args.resume, progress=not args.no_progress,
+                   corpus_root=args.corpus_root)
     if result.metrics:
         print(json.dumps({k: result.metrics[k] for k in ("steps", "tokens", "train_seconds",
                                                           "heldout_loss_nats_per_byte")}))

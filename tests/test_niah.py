@@ -1,0 +1,126 @@
+"""The needle-in-a-haystack harness: prompt construction, exact-match scoring, sweeps, the CLI."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from nsa_core import data, niah, tokenizer
+from nsa_core.checkpoint import save_pretrained
+from nsa_core.config import NSAConfig
+from nsa_core.model import NSALM
+
+HAYSTACK = "Call me Ishmael. Some years ago, never mind how long precisely, I went to sea.\n" * 20
+
+
+class ScriptedModel:
+    """Stands in for NSALM.generate: answers each prompt by a rule, so scoring is checked on known answers."""
+
+    def __init__(self, answer):
+        self.answer = answer  # prompt ids -> answer tokens
+        self.device = torch.device("cpu")
+        self.config = SimpleNamespace(attention="scripted")
+        self.calls = []
+
+    def generate(self, ids, *, max_new_tokens, stop_token):
+        self.calls.append((tuple(ids.shape), max_new_tokens, stop_token))
+        rows = [self.answer(row)[:max_new_tokens] for row in ids.tolist()]
+        width = max(map(len, rows))
+        return torch.tensor([r + [tokenizer.PAD] * (width - len(r)) for r in rows])
+
+
+def needle_key(prompt_ids):
+    """The key a perfect reader finds in the prompt."""
+    text = tokenizer.decode(prompt_ids)
+    start = text.index("The pass key is ") + len("The pass key is ")
+    return text[start:start + 5]
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_prompt_has_exact_length_and_the_needle_at_its_depth(depth):
+    prompt = niah.build_prompt(HAYSTACK, length=700, depth=depth, key="27182", offset=11)
+    assert len(prompt.ids) == 700
+    assert prompt.ids[0] == tokenizer.BOS and prompt.ids[-1] == tokenizer.SEP
+    needle = tokenizer.encode(data.NEEDLE.format(key="27182"))
+    assert prompt.ids[prompt.needle_at:prompt.needle_at + len(needle)] == needle
+    hay_len = 700 - niah.prompt_overhead()
+    assert abs((prompt.needle_at - 2) / hay_len - depth) < 1e-2
+    assert tokenizer.decode(prompt.ids).endswith(data.QUESTION)
+    # The haystack is read from the offset, wrapping around the text.
+    assert prompt.ids[1:6] == tokenizer.encode(HAYSTACK[11:16]) or depth == 0.0
+
+
+def test_prompt_rejects_bad_input():
+    with pytest.raises(ValueError, match="5 ASCII digits"):
+        niah.build_prompt(HAYSTACK, length=500, depth=0.5, key="1234")
+    with pytest.raises(ValueError, match="shorter than the needle"):
+        niah.build_prompt(HAYSTACK, length=50, depth=0.5, key="12345")
+    with pytest.raises(ValueError, match="depth"):
+        niah.build_prompt(HAYSTACK, length=500, depth=1.5, key="12345")
+    with pytest.raises(ValueError, match="non-empty"):
+        niah.haystack_tokens("")
+
+
+@pytest.mark.parametrize(("tokens", "expected"), [
+    (tokenizer.encode("12345") + [tokenizer.EOS], True),
+    (tokenizer.encode("12345") + [tokenizer.EOS, 7, 7], True),  # what follows <eos> is not the answer
+    (tokenizer.encode("12345"), False),  # no <eos>: the answer never ended
+    (tokenizer.encode("123456") + [tokenizer.EOS], False),
+    (tokenizer.encode("12346") + [tokenizer.EOS], False),
+    (tokenizer.encode(" 12345") + [tokenizer.EOS], False),
+    ([tokenizer.EOS], False),
+])
+def test_exact_match_scoring(tokens, expected):
+    assert niah.is_correct(tokens, "12345") is expected
+
+
+def test_run_cell_scores_known_answers():
+    oracle = ScriptedModel(lambda ids: tokenizer.encode(needle_key(ids)) + [tokenizer.EOS])
+    cell = niah.run_cell(oracle, HAYSTACK, length=400, depth=0.5, trials=6, seed=1, batch_size=4)
+    assert cell.correct == 6 and cell.accuracy == 1.0 and cell.answers == cell.keys
+    assert [c[0] for c in oracle.calls] == [(4, 400), (2, 400)] and oracle.calls[0][1:] == (6, tokenizer.EOS)
+    # Right digits for every other trial only.
+    flaky = ScriptedModel(lambda ids: tokenizer.encode(needle_key(ids) if int(needle_key(ids)) % 2 else "00000")
+                          + [tokenizer.EOS])
+    cell = niah.run_cell(flaky, HAYSTACK, length=400, depth=0.5, trials=6, seed=1)
+    assert cell.correct == sum(int(k) % 2 for k in cell.keys)
+    # Same seed, same keys and prompts.
+    assert niah.run_cell(oracle, HAYSTACK, length=400, depth=0.5, trials=6, seed=1).keys == cell.keys
+
+
+def test_sweep_of_a_real_model_writes_json_and_reports_progress(tmp_path):
+    config = NSAConfig(d_model=32, n_layer=1, n_head=2, n_kv_head=1, head_dim=16, v_head_dim=16, mlp_hidden=64,
+                       cmp_block=16, cmp_stride=8, slc_block=16, top_n=3, window=32, cmp_mlp_hidden=8)
+    model = NSALM(config).eval()
+    seen = []
+    results = niah.sweep(model, HAYSTACK, lengths=[150, 200], depths=niah.even_depths(2), trials=2, progress=False,
+                         callback=lambda done, total, cell: seen.append((done, total, cell.length)))
+    assert seen == [(1, 4, 150), (2, 4, 150), (3, 4, 200), (4, 4, 200)]
+    assert np.array(results["accuracy"]).shape == (2, 2)
+    assert all(len(c["answers"]) == 2 for c in results["cells"])
+    path = niah.write_results(results, tmp_path / "r.json")
+    assert json.loads(path.read_text())["lengths"] == [150, 200]
+    assert "| 150 |" in niah.format_grid(results)
+
+
+def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
+    config = NSAConfig(d_model=32, n_layer=1, n_head=2, n_kv_head=1, head_dim=16, v_head_dim=16, mlp_hidden=64,
+                       cmp_block=16, cmp_stride=8, slc_block=16, top_n=3, window=32, cmp_mlp_hidden=8, attention="dense")
+    save_pretrained(NSALM(config), tmp_path / "ckpt")
+    (tmp_path / "hay.txt").write_text(HAYSTACK)
+    out = tmp_path / "res.json"
+    code = niah.cli([str(tmp_path / "ckpt"), "--haystack", str(tmp_path / "hay.txt"), "--lengths", "160",
+                     "--depths", "2", "--trials", "2", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["attention"] == "dense" and results["trials"] == 2 and len(results["cells"]) == 2
+    assert niah.cli([str(tmp_path / "missing"), "--device", "cpu"]) == 2
+    assert "nsa-explorer niah" in capsys.readouterr().err
+
+
+def test_even_depths():
+    assert niah.even_depths(10)[0] == 0.0 and niah.even_depths(10)[-1] == 1.0 and len(niah.even_depths(10)) == 10
+    with pytest.raises(ValueError):
+        niah.even_depths(0)

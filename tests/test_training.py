@@ -1,0 +1,115 @@
+"""`nsa-explorer train` on a CPU: recipes, the schedule, loss going down, resume, and DDP over gloo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nsa_core import data, training
+from nsa_core.checkpoint import load_pretrained
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "head_dim": 16, "v_head_dim": 16,
+              "mlp_hidden": 64, "cmp_block": 16, "cmp_stride": 8, "slc_block": 16, "top_n": 3, "window": 32,
+              "cmp_mlp_hidden": 8}
+
+
+def tiny_recipe(**changes) -> training.Recipe:
+    base = dict(name="tiny", model=TINY_MODEL, seq_len=256, batch_size=1, min_task_len=256, max_steps=4,
+                warmup_steps=1, lr=1e-2, log_every=1, ckpt_every=2, eval_rows=2, heldout_fraction=0.5,
+                save_dtype="float32")
+    return training.Recipe(**(base | changes))
+
+
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory) -> Path:
+    """A small stand-in standard library: repetitive code, so a few steps visibly lower the loss."""
+    root = tmp_path_factory.mktemp("stdlib")
+    for i in range(12):
+        (root / f"mod_{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n\n" * 40)
+    return root
+
+
+def test_recipe_round_trip_and_errors(tmp_path):
+    recipe = tiny_recipe()
+    path = tmp_path / "r.json"
+    path.write_text(recipe.to_json())
+    assert training.Recipe.load(path) == recipe
+    path.write_text(json.dumps(json.loads(recipe.to_json()) | {"learning_rate": 1}))
+    with pytest.raises(ValueError, match="unknown recipe key"):
+        training.Recipe.load(path)
+    with pytest.raises(ValueError, match="attention_path"):
+        tiny_recipe(attention_path="fast")
+    with pytest.raises(ValueError, match="n_head"):
+        tiny_recipe(model=TINY_MODEL | {"n_head": 3, "n_kv_head": 2})
+    with pytest.raises(ValueError, match="warmup_steps"):
+        tiny_recipe(time_budget_s=10.0, calibrate_steps=5, warmup_steps=4)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    recipe = tiny_recipe(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [training.lr_at(recipe, s, 100) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[100] == pytest.approx(0.1)
+
+
+def test_time_budget_fixes_the_step_count():
+    recipe = tiny_recipe(time_budget_s=10.0, warmup_steps=8, calibrate_steps=4, max_steps=1000)
+    # 6 steps done in 2 s at 0.5 s per step: 16 more fit in the 8 s left.
+    assert training._fit_steps(recipe, 6, 1000, [0.5] * 4, 2.0, world=1) == 22
+    assert training._fit_steps(recipe, 6, 15, [0.5] * 4, 2.0, world=1) == 15  # never beyond max_steps
+
+
+def test_a_few_cpu_steps_lower_the_heldout_loss(tmp_path, corpus_root):
+    recipe = tiny_recipe(max_steps=5)
+    heldout = data.stdlib_corpus("heldout", heldout_fraction=0.5, root=corpus_root)
+    untrained = training._rounded(training.NSALM(recipe.config), torch.float32)
+    untrained.reset_parameters(seed=recipe.seed)
+    before = training.evaluate_heldout(untrained.eval(), heldout, seq_len=256, rows=2)
+    result = training.train(recipe, tmp_path / "run", device="cpu", progress=False, corpus_root=corpus_root)
+    after = result.metrics["heldout_loss_nats_per_byte"]
+    assert after < before["heldout_loss_nats_per_byte"] - 0.5
+    log = [json.loads(line) for line in (tmp_path / "run" / training.LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and log[-1]["tokens"] == 5 * 256
+    # The checkpoint written next to the recipe loads strictly and gives the evaluated weights.
+    loaded = load_pretrained(tmp_path / "run")
+    assert torch.equal(loaded.lm_head.weight, result.model.lm_head.weight)
+    assert training.Recipe.load(tmp_path / "run" / training.RECIPE_FILE) == recipe
+
+
+def test_resume_continues_the_same_run(tmp_path, corpus_root):
+    recipe = tiny_recipe(max_steps=4)
+    straight = training.train(recipe, tmp_path / "a", device="cpu", progress=False, corpus_root=corpus_root)
+    part = training.train(recipe, tmp_path / "b", device="cpu", progress=False, corpus_root=corpus_root,
+                          stop_after=2)
+    assert part.metrics == {} and not (tmp_path / "b" / "model.safetensors").exists()
+    resumed = training.train(recipe, tmp_path / "b", device="cpu", progress=False, corpus_root=corpus_root,
+                             resume=True)
+    assert resumed.metrics["steps"] == 4 and resumed.metrics["tokens"] == straight.metrics["tokens"]
+    # Equal up to the run-to-run noise of threaded CPU reductions (two straight runs differ by ~1e-8 too).
+    half = part.model.state_dict()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+    assert (half["lm_head.weight"] - straight.model.lm_head.weight).abs().max() > 1e-3  # the last 2 steps mattered
+    with pytest.raises(FileNotFoundError, match="train_state.pt"):
+        training.train(recipe, tmp_path / "c", device="cpu", progress=False, corpus_root=corpus_root, resume=True)
+
+
+def test_ddp_with_two_gloo_processes(tmp_path, corpus_root):
+    recipe_path = tmp_path / "recipe.json"
+    recipe_path.write_text(tiny_recipe(max_steps=2).to_json())
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nsa_core.cli",
+           "train", str(recipe_path), "--out", str(tmp_path / "ddp"), "--device", "cpu", "--no-progress",
+           "--corpus-root", str(corpus_root)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ddp_replicas_identical"] is True
+    assert metrics["tokens"] == 2 * 2 * 256  # both processes' rows count
+    load_pretrained(tmp_path / "ddp")
