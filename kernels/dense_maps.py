@@ -47,7 +47,12 @@ def _covered(pos, rows, row_ok, keys, h, BIDX, stride_bt, stride_bh, window, slc
     return inside
 
 
-@triton.jit
+# Sizes and offsets change with every input and zoom: specialising on them (Triton's default for ints
+# equal to 1 or divisible by 16) would recompile the kernel for new lengths and regions.
+_RUNTIME_INTS = ["TQ", "q_start", "window", "slc_block"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _lse_kernel(Q, K, LSE, COV, BIDX,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_bt, stride_bh,
                 TQ, q_start, scale_log2, window, slc_block,
@@ -87,7 +92,7 @@ def _lse_kernel(Q, K, LSE, COV, BIDX,
         tl.store(COV + rows * HQ + hq, covered / total, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_RUNTIME_INTS, "k_lo", "k_hi", "cell", "num_cells", "tiles_per_step"])
 def _binned_kernel(Q, K, LSE, OUT, OUTC, BIDX,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_bt, stride_bh,
                    TQ, q_start, k_lo, k_hi, cell, num_cells, tiles_per_step, scale_log2, window, slc_block,
