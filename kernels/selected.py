@@ -61,25 +61,28 @@ def _selected_group_kernel(
     v_base = V + b64 * svb + h * svh
     idx_base = IDX + b64 * sib + t64 * sit + h * sih
     offs = tl.arange(0, BLOCK_N)
-    for slot in range(TOP_N):
-        blk = tl.load(idx_base + slot)
-        if blk >= 0:
-            for off in range(0, SLC_BLOCK, BLOCK_N):
-                n = blk.to(tl.int64) * SLC_BLOCK + off + offs  # [N] key positions
-                n_ok = (off + offs < SLC_BLOCK) & (n <= pos) & (n < TK)
-                kt = tl.load(k_base + n[None, :] * skt + dk[:, None], mask=n_ok[None, :] & (dk[:, None] < DK),
-                             other=0.0)  # [BDK, N]
-                s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [GP, N]
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vt = tl.load(v_base + n[:, None] * svt + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV),
-                             other=0.0)  # [N, BDV]
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-                m_i = m_new
+    TILES: tl.constexpr = (SLC_BLOCK + BLOCK_N - 1) // BLOCK_N
+    # One flat loop with no branch, so that the compiler can pipeline the next tile's loads; an empty
+    # slot (-1) masks all its loads and contributes exp2(-inf) = 0.
+    for it in range(TOP_N * TILES):
+        blk = tl.load(idx_base + it // TILES)
+        off = (it % TILES) * BLOCK_N
+        n = blk.to(tl.int64) * SLC_BLOCK + off + offs  # [N] key positions
+        # blk = -1 gives n in [-l', 0): the n >= 0 test masks empty slots.
+        n_ok = (n >= 0) & (off + offs < SLC_BLOCK) & (n <= pos) & (n < TK)
+        kt = tl.load(k_base + n[None, :] * skt + dk[:, None], mask=n_ok[None, :] & (dk[:, None] < DK),
+                     other=0.0)  # [BDK, N]
+        s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [GP, N]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + n[:, None] * svt + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV),
+                     other=0.0)  # [N, BDV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     HQ = H * G
@@ -135,7 +138,7 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None):
             q, k, v, block_idx, o, pos0, scale * LOG2E, TQ, TK, H,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
-            GP=pow2(G, 16), TOP_N=block_idx.shape[-1], num_warps=4, num_stages=2, **common,
+            GP=pow2(G, 16), TOP_N=block_idx.shape[-1], num_warps=4, num_stages=3, **common,
         )
         return o
     return _run_block_centric(q, k, v, block_idx.contiguous(), pos0, o, scale, common)
