@@ -12,6 +12,7 @@ import torch
 from nsa_core import reference
 from nsa_core.config import NSAConfig
 from nsa_core.model import NSALM
+from nsa_core.rope import apply_rope
 
 TINY = NSAConfig(d_model=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=8, v_head_dim=6, mlp_hidden=48,
                  cmp_block=8, cmp_stride=4, slc_block=16, top_n=3, window=12, cmp_mlp_hidden=16)
@@ -179,3 +180,37 @@ def test_compressed_cache_matches_recomputed_compression():
     torch.testing.assert_close(cache[0].k_cmp, inputs.k_cmp, **CLOSE)
     torch.testing.assert_close(cache[0].v_cmp, inputs.v_cmp, **CLOSE)
     assert cache[0].staging_k.shape[1] < 8  # only what the next window still reads
+
+
+# RoPE and parameter layout -----------------------------------------------------------------------
+
+
+def test_rope_scores_depend_only_on_the_relative_position():
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def at(x, position):
+        return apply_rope(x, torch.tensor([position]), 10000.0)
+
+    assert torch.allclose((at(q, 7) * at(k, 3)).sum(), (at(q, 104) * at(k, 100)).sum(), atol=1e-5)
+    assert torch.allclose(at(q, 7).norm(), q.norm(), atol=1e-6)
+    assert torch.equal(at(q, 0), q)
+
+
+def test_compressed_keys_are_rotated_at_their_window_start():
+    """phi reads un-rotated keys; compressed key i is then rotated at position i*d (design.md)."""
+    attn = make_model("mlp-shared").layers[0].attn
+    x = torch.randn(1, 40, 32)
+    with torch.no_grad():
+        inputs = attn.inputs(x, torch.arange(40))
+        k_raw = attn.k_proj["shared"](x).unflatten(-1, (2, 8))  # [1, 40, H, Dk] un-rotated
+        k_cmp = attn.k_compress(k_raw)  # [1, 9, H, Dk]
+        expected = apply_rope(k_cmp, torch.arange(9) * 4, TINY.rope_theta)
+    torch.testing.assert_close(inputs.k_cmp, expected, rtol=0, atol=0)
+    torch.testing.assert_close(inputs.v_cmp, attn.v_compress(attn.v_proj["shared"](x).unflatten(-1, (2, 6))))
+
+
+def test_dense_twin_has_the_nsa_parameters_minus_the_nsa_only_ones():
+    nsa = set(make_model("mlp-shared").state_dict())
+    dense = set(make_model("dense").state_dict())
+    nsa_only = {n for n in nsa if ".k_compress." in n or ".v_compress." in n or ".attn.gate." in n}
+    assert nsa_only and dense == nsa - nsa_only
