@@ -1,0 +1,111 @@
+"""The shipped twins nsa-tiny and dense-tiny: files, strict loading, golden logits, recipes, reported results.
+
+Golden logits were computed on a CPU from the shipped weights; regenerate them (only when a
+checkpoint is retrained on purpose) with `python tests/test_sample_models.py --regenerate`.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from nsa_core import niah, tokenizer  # noqa: E402
+from nsa_core.checkpoint import load_pretrained, read_config  # noqa: E402
+from nsa_core.training import RECIPE_FILE, Recipe  # noqa: E402
+
+MODELS = REPO / "sample_models"
+NAMES = ("nsa-tiny", "dense-tiny")
+GOLDEN = Path(__file__).resolve().parent / "golden" / "sample_models.json"
+# Past the 512-token window and dozens of compression windows, so every NSA branch is exercised.
+GOLDEN_LENGTH = 700
+GOLDEN_POSITIONS = (0, 31, 100, 511, 512, 650, GOLDEN_LENGTH - 1)
+MAX_BYTES = 10 * 1024 * 1024
+
+
+def golden_input() -> torch.Tensor:
+    """A fixed Python-like text of GOLDEN_LENGTH byte tokens, <bos> first -> [1, T]."""
+    lines = [f"def scale_{i}(values, factor={i}):\n    return [v * factor + {i * i} for v in values]\n"
+             for i in range(40)]
+    ids = tokenizer.encode("".join(lines), bos=True)[:GOLDEN_LENGTH]
+    return torch.tensor([ids])
+
+
+@torch.no_grad()
+def golden_logits(name: str) -> dict:
+    model = load_pretrained(MODELS / name, dtype=torch.float32)
+    logits = model(golden_input(), backend="reference")[0]  # [T, V]
+    return {"positions": {str(p): [round(v, 5) for v in logits[p].tolist()] for p in GOLDEN_POSITIONS},
+            "mean_per_position": [round(v, 6) for v in logits.mean(-1).tolist()],
+            "argmax": logits.argmax(-1).tolist()}
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_files_and_size(name):
+    folder = MODELS / name
+    for file in ("config.json", "model.safetensors", "README.md", "metrics.json", RECIPE_FILE, "niah.json"):
+        assert (folder / file).is_file(), file
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    assert size <= MAX_BYTES, f"{name} is {size} bytes"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loads_strictly_and_reproduces_golden_logits(name, golden):
+    expected = golden[name]
+    actual = golden_logits(name)
+    for p in GOLDEN_POSITIONS:
+        torch.testing.assert_close(torch.tensor(actual["positions"][str(p)]), torch.tensor(expected["positions"][str(p)]),
+                                   atol=2e-4, rtol=1e-4, msg=f"{name} logits at position {p}")
+    torch.testing.assert_close(torch.tensor(actual["mean_per_position"]), torch.tensor(expected["mean_per_position"]),
+                               atol=2e-4, rtol=1e-4)
+    agree = sum(a == b for a, b in zip(actual["argmax"], expected["argmax"], strict=True))
+    assert agree >= GOLDEN_LENGTH - 2  # near-ties may flip under another machine's rounding
+
+
+def test_the_twins_share_recipe_data_and_steps():
+    recipes = {name: Recipe.load(MODELS / name / RECIPE_FILE) for name in NAMES}
+    for name, recipe in recipes.items():
+        assert recipe.config == read_config(MODELS / name)
+    nsa, dense = recipes["nsa-tiny"], recipes["dense-tiny"]
+    assert nsa.config.attention == "nsa" and dense.config.attention == "dense"
+    assert nsa.replace(name="x", model={}) == dense.replace(name="x", model={})
+    metrics = {name: json.loads((MODELS / name / "metrics.json").read_text()) for name in NAMES}
+    assert metrics["nsa-tiny"]["steps"] == metrics["dense-tiny"]["steps"] == nsa.max_steps
+    assert metrics["nsa-tiny"]["tokens"] == metrics["dense-tiny"]["tokens"]
+
+
+def test_heldout_loss_of_nsa_within_two_percent_of_dense():
+    loss = {name: json.loads((MODELS / name / "metrics.json").read_text())["heldout_loss_nats_per_byte"]
+            for name in NAMES}
+    assert loss["nsa-tiny"] <= 1.02 * loss["dense-tiny"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_niah_results_are_the_ones_the_card_reports(name):
+    results = json.loads((MODELS / name / "niah.json").read_text())
+    assert len(results["depths"]) >= 10 and results["lengths"][0] == 1024 and max(results["lengths"]) >= 32768
+    for cell in results["cells"]:
+        assert len(cell["answers"]) == cell["trials"] >= (20 if cell["length"] <= 16384 else 10)
+        assert cell["accuracy"] == cell["correct"] / cell["trials"]
+    metrics = json.loads((MODELS / name / "metrics.json").read_text())
+    assert metrics["niah_min_accuracy_per_length"] == results["min_accuracy_per_length"]
+    card = (MODELS / name / "README.md").read_text()
+    assert niah.format_grid(results) in card
+    assert str(metrics["heldout_loss_nats_per_byte"]) in card and f"{metrics['steps']} steps" in card
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--regenerate"]:
+        sys.exit("usage: python tests/test_sample_models.py --regenerate")
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps({name: golden_logits(name) for name in NAMES}) + "\n")
+    print(f"wrote {GOLDEN}")
