@@ -11,8 +11,9 @@ No [T, Tc] or [T, Ns] matrix is ever stored. One program owns BT queries x the G
 a reshape). It walks the candidate blocks in chunks of NB, reading the NB * l'/d compressed keys that
 start inside them; the last l/d - 1 of those also overlap the next chunk's first block, and that
 share is carried over in a [BT] register instead of re-reading keys. Every NM = MERGE_BLOCKS * NB
-blocks, the candidates are merged into a running top-n list by n rounds of "take the largest remaining key of either list",
-which keeps the state at [BT, n] whatever the sequence length. Score and block id travel packed in
+blocks, the candidates are merged into the running top-n set: while a candidate beats the weakest
+chosen block, the best candidate replaces it. The state stays [BT, n] whatever the sequence length,
+and the rounds (cross-thread reductions) shrink as the set improves. Score and block id travel packed in
 one int64 (score bits high, so that integer order is score order for the non-negative scores;
 ~id low, so that keys are unique and ties go to the lower block id, like the reference's stable
 sort). Excluded blocks get key -1.
@@ -95,7 +96,10 @@ def _select_blocks_kernel(
     carry = tl.zeros([BT], tl.float32)
     col = tl.arange(0, NP)
     colm = tl.arange(0, NM)
-    top = tl.full([BT, NP], -1, tl.int64)  # packed keys of the best blocks so far, -1 = empty
+    # Packed keys of the chosen blocks so far, as an unordered set. Empty slots hold distinct negative
+    # keys (so that the minimum is always one slot) and slots past TOP_N a key nothing can displace.
+    slots = tl.zeros([BT, NP], tl.int64) + col[None, :]
+    top = tl.where(slots < TOP_N, -1 - slots, (1 << 62))
     kc_base = KC + b64 * skb + h * skh
     for m0 in range(0, last_block + 1, NM):
         # Score NM blocks, NB at a time, into one candidate list, then merge once: the merge rounds are
@@ -128,17 +132,19 @@ def _select_blocks_kernel(
             else:  # columns sub*NB .. sub*NB + NB - 1 of the candidate list
                 spread = tl.reshape(tl.broadcast_to(key[:, None, :], [BT, NM // NB, NB]), [BT, NM])
                 cand = tl.where((colm // NB == sub)[None, :], spread, cand)
-        # Merge: TOP_N rounds of "take the largest remaining key of either list"; keys are unique.
-        merged = tl.full([BT, NP], -1, tl.int64)
-        for slot in tl.static_range(TOP_N):
-            best = tl.maximum(tl.max(top, 1), tl.max(cand, 1))[:, None]
-            merged = tl.where(col[None, :] == slot, best, merged)
-            top = tl.where(top == best, -1, top)
-            cand = tl.where(cand == best, -1, cand)
-        top = merged
+        # Merge: while some candidate beats the weakest chosen block, the best candidate replaces it.
+        # Keys are unique, so each round moves exactly one block per row; rows with nothing left skip.
+        weakest = tl.min(top, 1)
+        rounds = tl.minimum(tl.max(tl.sum((cand > weakest[:, None]).to(tl.int32), 1)), TOP_N)
+        for _ in range(rounds):
+            best = tl.max(cand, 1)
+            weakest = tl.min(top, 1)
+            swap = (best >= 0) & (best > weakest)
+            top = tl.where((top == weakest[:, None]) & swap[:, None], best[:, None], top)
+            cand = tl.where(cand == best[:, None], -1, cand)
 
     # Ascending ids, then -1: TOP_N rounds of "take the smallest remaining id".
-    ids = tl.where(top >= 0, ID_MASK - (top & ID_MASK), ID_MASK + 1)
+    ids = tl.where((top >= 0) & (col[None, :] < TOP_N), ID_MASK - (top & ID_MASK), ID_MASK + 1)
     out_ids = tl.full([BT, NP], -1, tl.int32)
     for slot in tl.static_range(TOP_N):
         least = tl.min(ids, 1)[:, None]
