@@ -205,7 +205,8 @@ def load_haystack(spec: str, *, heldout_fraction: float = 0.05) -> np.ndarray:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nsa-explorer niah", description="Needle-in-a-haystack sweep of a checkpoint.")
+    parser = argparse.ArgumentParser(prog="nsa-explorer niah",
+                                     description="Needle-in-a-haystack sweep of a checkpoint.")
     parser.add_argument("checkpoint", help="checkpoint directory or .safetensors file")
     parser.add_argument("--haystack", default=HELDOUT, help=f"'{HELDOUT}' (held-out stdlib files) or a text file")
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="comma-separated context lengths")

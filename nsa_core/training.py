@@ -274,7 +274,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         if bar is not None:
             bar.update(1)
         if step % recipe.ckpt_every == 0 and is_main:
-            _save_state(state_path, model, optimizer, step, max_steps, tokens, elapsed_before + time.perf_counter() - t0)
+            elapsed = elapsed_before + time.perf_counter() - t0
+            _save_state(state_path, model, optimizer, step, max_steps, tokens, elapsed)
     train_seconds = elapsed_before + time.perf_counter() - t0
     replicas_identical = _replicas_identical(model) if world > 1 else None
     if bar is not None:
@@ -337,7 +338,8 @@ def evaluate_heldout(model: NSALM, corpus: np.ndarray, *, seq_len: int, rows: in
 def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah_section: str = "",
                   command: str | None = None) -> str:
     """Model card: what the model is, the data, the command, the run, held-out loss, optional NIAH grid."""
-    kind = "Native Sparse Attention" if recipe.config.attention == "nsa" else "dense causal attention (the NSA twin's control)"
+    is_nsa = recipe.config.attention == "nsa"
+    kind = "Native Sparse Attention" if is_nsa else "dense causal attention (the NSA twin's control)"
     command = command or f"nsa-explorer train {RECIPE_FILE} --out <dir>"
     run = (f"{metrics.get('steps')} steps of {recipe.batch_size} x {recipe.seq_len} tokens per process "
            f"({metrics.get('tokens', 0):,} tokens), {metrics.get('train_seconds')} s on {metrics.get('device')} "

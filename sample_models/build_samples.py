@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--niah-trials", type=int, default=20)
     parser.add_argument("--niah-batch", type=int, default=20)
     parser.add_argument("--niah-long-trials", type=int, default=10, help="trials per cell above 16384 tokens")
-    parser.add_argument("--deadline", type=float, default=560.0, help="seconds after start to stop starting NIAH lengths")
+    parser.add_argument("--deadline", type=float, default=560.0,
+                        help="seconds after start to stop starting NIAH lengths")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
     device = torch.device("cuda")
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name(device)}", flush=True)
 
     errors = check_flex_path(device)
-    print("flex path vs reference (relative error):", json.dumps({k: f"{v:.2e}" for k, v in errors.items()}), flush=True)
+    shown = json.dumps({k: f"{v:.2e}" for k, v in errors.items()})
+    print(f"flex path vs reference (relative error): {shown}", flush=True)
     if max(errors.values()) > 1e-3:
         print("the FlexAttention path disagrees with the reference: stopping", flush=True)
         return 1

@@ -52,7 +52,7 @@ def test_single_key_task_marks_exactly_the_answer():
     assert ids[-7] == tokenizer.SEP and all(mask[-6:]) and not any(mask[:-6])
     text = tokenizer.decode(ids)
     needle = data.NEEDLE.format(key="31415")
-    assert text.count(needle) == 1 and text.rstrip("31415").endswith(data.QUESTION)
+    assert text.count(needle) == 1 and text.endswith(data.QUESTION + "31415")
     # The needle sits at half the haystack: 100 haystack tokens before it (plus its newline).
     assert text.index(needle) == 101
 

@@ -107,7 +107,8 @@ def test_sweep_of_a_real_model_writes_json_and_reports_progress(tmp_path):
 
 def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
     config = NSAConfig(d_model=32, n_layer=1, n_head=2, n_kv_head=1, head_dim=16, v_head_dim=16, mlp_hidden=64,
-                       cmp_block=16, cmp_stride=8, slc_block=16, top_n=3, window=32, cmp_mlp_hidden=8, attention="dense")
+                       cmp_block=16, cmp_stride=8, slc_block=16, top_n=3, window=32, cmp_mlp_hidden=8,
+                       attention="dense")
     save_pretrained(NSALM(config), tmp_path / "ckpt")
     (tmp_path / "hay.txt").write_text(HAYSTACK)
     out = tmp_path / "res.json"

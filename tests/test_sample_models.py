@@ -63,7 +63,8 @@ def test_loads_strictly_and_reproduces_golden_logits(name, golden):
     expected = golden[name]
     actual = golden_logits(name)
     for p in GOLDEN_POSITIONS:
-        torch.testing.assert_close(torch.tensor(actual["positions"][str(p)]), torch.tensor(expected["positions"][str(p)]),
+        torch.testing.assert_close(torch.tensor(actual["positions"][str(p)]),
+                                   torch.tensor(expected["positions"][str(p)]),
                                    atol=2e-4, rtol=1e-4, msg=f"{name} logits at position {p}")
     torch.testing.assert_close(torch.tensor(actual["mean_per_position"]), torch.tensor(expected["mean_per_position"]),
                                atol=2e-4, rtol=1e-4)

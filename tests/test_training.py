@@ -19,9 +19,9 @@ TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "head_di
 
 
 def tiny_recipe(**changes) -> training.Recipe:
-    base = dict(name="tiny", model=TINY_MODEL, seq_len=256, batch_size=1, min_task_len=256, max_steps=4,
-                warmup_steps=1, lr=1e-2, log_every=1, ckpt_every=2, eval_rows=2, heldout_fraction=0.5,
-                save_dtype="float32")
+    base = {"name": "tiny", "model": TINY_MODEL, "seq_len": 256, "batch_size": 1, "min_task_len": 256,
+            "max_steps": 4, "warmup_steps": 1, "lr": 1e-2, "log_every": 1, "ckpt_every": 2, "eval_rows": 2,
+            "heldout_fraction": 0.5, "save_dtype": "float32"}
     return training.Recipe(**(base | changes))
 
 
