@@ -118,61 +118,84 @@ def run_shape(name, T, rows, errors):
 
 
 def tune(rows, errors, T):
-    """Launch-parameter sweep at one length; rows carry stage "tune:<knob>" and the setting as impl."""
+    """Sweep the launch knobs at length T, keep the fastest of each, return the settings chosen.
+
+    Rows carry stage "tune:<knob>" and the candidate as impl. A knob is judged on the sum of its times
+    over the shapes it serves, so one setting holds for all of them.
+    """
     import kernels.interval_attention as ia
     import kernels.select as ks
     import kernels.selected as kslc
 
-    default_cfg = ia._launch_config
-    for name in ("paper192", "paper128"):
+    def data(name):
         HQ, H, dk, dv = SHAPES[name]
         tc = (T - 32) // 16 + 1
-        q = torch.randn(1, T, HQ, dk, device="cuda", dtype=torch.bfloat16)
-        k_cmp = torch.randn(1, tc, H, dk, device="cuda", dtype=torch.bfloat16)
-        v_cmp = torch.randn(1, tc, H, dv, device="cuda", dtype=torch.bfloat16)
-        pos0 = query_starts(None, 1, 0, q.device)
-        for cfg in ((64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 1), (64, 64, 4, 2)):
-            ia._launch_config = lambda G, dk, dv, on_gpu, c=cfg: (max(c[0], G), *c[1:])
-            try:
-                ms = bench(lambda: interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=dk**-0.5,
-                                                      cmp_block=32, cmp_stride=16, want_lse=True))
-                rows.append({"shape": name, "T": T, "stage": "tune:cmp", "impl": "R{}-N{}-w{}-s{}".format(*cfg),
-                             "ms": round(ms, 4)})
-            except Exception as err:
-                errors.append(f"tune cmp {name} {cfg}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-        ia._launch_config = default_cfg
-    default_merge = ks.MERGE_BLOCKS
-    for name in ("paper128", "small"):
-        HQ, H, dk, dv = SHAPES[name]
-        tc = (T - 32) // 16 + 1
-        q = torch.randn(1, T, HQ, dk, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, T, H, dk, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(1, T, H, dv, device="cuda", dtype=torch.bfloat16)
-        k_cmp = torch.randn(1, tc, H, dk, device="cuda", dtype=torch.bfloat16)
-        pos0 = query_starts(None, 1, 0, q.device)
-        _, lse = interval_attention(q, k_cmp, k_cmp, pos0, mode=MODE_CMP, scale=dk**-0.5, cmp_block=32, cmp_stride=16,
-                                    want_lse=True)
-        for merge in (1, 4, 8):
-            ks.MERGE_BLOCKS = merge
-            ms = bench(lambda: _select(q, k_cmp, lse, pos0, cmp_block=32, cmp_stride=16, slc_block=64, top_n=16,
-                                       scale=dk**-0.5, init_blocks=1, local_blocks=2))
-            rows.append({"shape": name, "T": T, "stage": "tune:select", "impl": f"merge{merge}", "ms": round(ms, 4)})
-        ks.MERGE_BLOCKS = default_merge
-        idx = _select(q, k_cmp, lse, pos0, cmp_block=32, cmp_stride=16, slc_block=64, top_n=16, scale=dk**-0.5,
-                      init_blocks=1, local_blocks=2)
-        for block_rows in (64, 128):
-            kslc.BLOCK_PATH_ROWS = block_rows
-            ms = bench(lambda: run_selected(q, k, v, idx, pos0, slc_block=64, scale=dk**-0.5, path="block"))
-            rows.append({"shape": name, "T": T, "stage": "tune:slc-block", "impl": f"rows{block_rows}",
-                         "ms": round(ms, 4)})
-        kslc.BLOCK_PATH_ROWS = 64
+        x = {"q": (1, T, HQ, dk), "k": (1, T, H, dk), "v": (1, T, H, dv), "kc": (1, tc, H, dk), "vc": (1, tc, H, dv)}
+        x = {key: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for key, shape in x.items()}
+        x["pos0"] = query_starts(None, 1, 0, x["q"].device)
+        x["scale"] = dk**-0.5
+        return x
+
+    def cmp(x):
+        return interval_attention(x["q"], x["kc"], x["vc"], x["pos0"], mode=MODE_CMP, scale=x["scale"],
+                                  cmp_block=32, cmp_stride=16, want_lse=True)
+
+    def sweep(knob, shapes, candidates, apply, fn):
+        totals = {}
+        for cand in candidates:
+            apply(cand)
+            total = 0.0
+            for name, x in shapes:
+                try:
+                    ms = bench(lambda: fn(x))
+                except Exception as err:
+                    errors.append(f"tune {knob} {cand} {name}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                    total = float("inf")
+                    break
+                rows.append({"shape": name, "T": T, "stage": f"tune:{knob}", "impl": str(cand), "ms": round(ms, 4)})
+                total += ms
+            totals[cand] = total
+        best = min(totals, key=totals.get)
+        apply(best)
+        return best
+
+    chosen = {}
+    shapes = {name: data(name) for name in ("paper128", "paper192", "small")}
+
+    def set_launch(kind):
+        return lambda cand: ia.LAUNCH.__setitem__(kind, cand)
+
+    chosen["cmp-wide"] = sweep("cmp-wide", [("paper192", shapes["paper192"])],
+                               [(64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+                               set_launch("wide"), cmp)
+    chosen["cmp-narrow"] = sweep("cmp-narrow", [("paper128", shapes["paper128"]), ("small", shapes["small"])],
+                                 [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+                                 set_launch("narrow"), cmp)
+    narrow = [("paper128", shapes["paper128"]), ("small", shapes["small"])]
+    for _, x in narrow:
+        _, x["lse"] = cmp(x)
+
+    def select(x):
+        return _select(x["q"], x["kc"], x["lse"], x["pos0"], cmp_block=32, cmp_stride=16, slc_block=64, top_n=16,
+                       scale=x["scale"], init_blocks=1, local_blocks=2)
+
+    chosen["select-merge"] = sweep("select-merge", narrow, [1, 2, 4, 8],
+                                   lambda m: setattr(ks, "MERGE_BLOCKS", m), select)
+    x = shapes["small"]
+    x["idx"] = select(x)
+    chosen["slc-block-rows"] = sweep(
+        "slc-block-rows", [("small", x)], [64, 128], lambda r: setattr(kslc, "BLOCK_PATH_ROWS", r),
+        lambda x: run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"],
+                               path="block"))
+    return chosen
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--tune", type=int, default=0, help="also sweep launch parameters at this length")
+    parser.add_argument("--tune", type=int, default=0,
+                        help="first sweep the launch settings at this length and measure with the fastest")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -189,6 +212,13 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     meta.update({k: round(v, 3) for k, v in ceilings().items()})
+    if args.tune:
+        try:
+            meta["tuned"] = json.dumps(tune(rows, errors, args.tune))
+            print("tuned launch settings:", meta["tuned"])
+        except Exception:
+            errors.append(f"tune: {traceback.format_exc(limit=3)}")
+        torch.cuda.empty_cache()
     for name in args.shapes:
         for T in args.lengths:
             try:
@@ -196,11 +226,6 @@ def main(argv=None) -> int:
             except Exception:
                 errors.append(f"{name} T={T}: {traceback.format_exc(limit=3)}")
             torch.cuda.empty_cache()
-    if args.tune:
-        try:
-            tune(rows, errors, args.tune)
-        except Exception:
-            errors.append(f"tune: {traceback.format_exc(limit=3)}")
     slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{slug}-{meta['date']}.json"

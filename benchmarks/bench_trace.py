@@ -158,7 +158,8 @@ def main() -> int:
     out = args.out or REPO / "benchmarks" / "results" / f"trace_{slug}_{today}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    cols = ["T", "plain_s", "trace_s", "inputs_s", "first_map_s", "maps_s", "recall_s", "oracle_s", "goal_s", "trace_mb",
+    cols = ["T", "plain_s", "trace_s", "inputs_s", "first_map_s", "maps_s", "recall_s", "oracle_s", "goal_s",
+            "trace_mb",
             "peak_rss_mb", "peak_gpu_mb"]
     print(f"\n{card}, model NSAConfig() (d_model 256, 4 layers, HQ 8, H 2), maps of {heads} head(s) per layer")
     print(" ".join(f"{c:>11}" for c in cols))

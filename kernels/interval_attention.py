@@ -128,14 +128,16 @@ def _interval_attn_fwd_kernel(
     tl.store(O + out_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
 
 
+# (BLOCK_R, BLOCK_N, num_warps, num_stages) on a GPU, for head dims up to 128 ("narrow") and above.
+LAUNCH = {"narrow": (128, 64, 8, 3), "wide": (64, 32, 8, 2)}
+
+
 def _launch_config(G: int, dk: int, dv: int, on_gpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_N, num_warps, num_stages): 128 packed rows for the tensor cores when registers allow."""
-    wide = max(pow2(dk), pow2(dv)) > 128
-    block_r = max(64 if wide else 128, pow2(G))
-    block_n = 32 if wide else 64
+    """(BLOCK_R, BLOCK_N, num_warps, num_stages); BLOCK_R holds at least one query's G heads."""
     if not on_gpu:  # the interpreter's cost grows with tile size, not with the number of programs
         return max(64, pow2(G)), 32, 4, 1
-    return block_r, block_n, 8, 2 if wide else 3
+    block_r, block_n, warps, stages = LAUNCH["wide" if max(pow2(dk), pow2(dv)) > 128 else "narrow"]
+    return max(block_r, pow2(G)), block_n, warps, stages
 
 
 def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1, window=1, want_lse=False,
