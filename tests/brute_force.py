@@ -111,7 +111,7 @@ def importance(q, k_cmp, q_pos, *, cmp_block, cmp_stride, slc_block, num_slc, sc
 def forced(t, *, slc_block, init_blocks, local_blocks):
     """Blocks a query at t always selects: the first init_blocks and the local_blocks ending at its own."""
     current = t // slc_block
-    chosen = {j for j in range(init_blocks)} | {current - m for m in range(local_blocks)}
+    chosen = set(range(init_blocks)) | {current - m for m in range(local_blocks)}
     return {j for j in chosen if 0 <= j <= current}
 
 

@@ -10,10 +10,12 @@ import pytest
 
 from nsa_core.config import FORMAT_VERSION, MODEL_TYPE, ConfigError, NSAConfig
 
-NON_DEFAULT = dict(vocab_size=300, d_model=96, n_layer=3, n_head=12, n_kv_head=3, head_dim=24, v_head_dim=20,
-                   mlp_hidden=200, rope_theta=500000.0, norm_eps=1e-6, cmp_block=48, cmp_stride=8, slc_block=32,
-                   top_n=7, init_blocks=2, local_blocks=3, window=100, cmp_fn="mean", cmp_mlp_hidden=16,
-                   kv_mode="independent")
+NON_DEFAULT = {
+    "vocab_size": 300, "d_model": 96, "n_layer": 3, "n_head": 12, "n_kv_head": 3, "head_dim": 24, "v_head_dim": 20,
+    "mlp_hidden": 200, "rope_theta": 500000.0, "norm_eps": 1e-6, "cmp_block": 48, "cmp_stride": 8, "slc_block": 32,
+    "top_n": 7, "init_blocks": 2, "local_blocks": 3, "window": 100, "cmp_fn": "mean", "cmp_mlp_hidden": 16,
+    "kv_mode": "independent",
+}
 
 
 def test_defaults_are_the_paper_configuration():
@@ -23,7 +25,7 @@ def test_defaults_are_the_paper_configuration():
     assert c.group_size == c.n_head // c.n_kv_head
 
 
-@pytest.mark.parametrize("fields", [{}, NON_DEFAULT, dict(attention="dense")], ids=["default", "custom", "dense"])
+@pytest.mark.parametrize("fields", [{}, NON_DEFAULT, {"attention": "dense"}], ids=["default", "custom", "dense"])
 def test_json_round_trip(fields, tmp_path):
     config = NSAConfig(**fields)
     text = config.to_json()
@@ -54,29 +56,29 @@ def test_integral_floats_are_accepted_as_floats():
 
 # Each case: the fields that break a rule, then strings the message must contain (rule and values).
 INVALID = {
-    "int as str": (dict(n_layer="4"), ["n_layer", "int", "'4'"]),
-    "bool as int": (dict(top_n=True), ["top_n", "True"]),
-    "float as int": (dict(window=512.0), ["window", "512.0"]),
-    "str as number": (dict(cmp_fn=1), ["cmp_fn", "str", "1"]),
-    "zero layers": (dict(n_layer=0), ["n_layer", ">= 1", "0"]),
-    "negative window": (dict(window=-5), ["window", ">= 1", "-5"]),
-    "zero stride": (dict(cmp_stride=0), ["cmp_stride", ">= 1", "0"]),
-    "zero top_n": (dict(top_n=0, init_blocks=0, local_blocks=0), ["top_n", ">= 1", "0"]),
-    "negative init": (dict(init_blocks=-1), ["init_blocks", ">= 0", "-1"]),
-    "negative local": (dict(local_blocks=-2), ["local_blocks", ">= 0", "-2"]),
-    "zero theta": (dict(rope_theta=0.0), ["rope_theta", "0.0", "> 0"]),
-    "nan theta": (dict(rope_theta=math.nan), ["rope_theta", "nan"]),
-    "infinite eps": (dict(norm_eps=math.inf), ["norm_eps", "inf"]),
-    "attention kind": (dict(attention="sparse"), ["attention", "'sparse'", "nsa", "dense"]),
-    "cmp_fn": (dict(cmp_fn="max"), ["cmp_fn", "'max'", "mlp", "mean"]),
-    "kv_mode": (dict(kv_mode="split"), ["kv_mode", "'split'", "shared", "independent"]),
-    "heads not grouped": (dict(n_head=6, n_kv_head=4), ["n_head (6)", "multiple", "n_kv_head (4)"]),
-    "odd head dim": (dict(head_dim=33), ["head_dim (33)", "even", "RoPE"]),
-    "l not a multiple of d": (dict(cmp_block=24, cmp_stride=16), ["cmp_block", "(24)", "cmp_stride", "(16)"]),
-    "l' not a multiple of d": (dict(slc_block=40), ["slc_block", "(40)", "multiple", "cmp_stride", "(16)"]),
-    "forced blocks exceed n": (dict(top_n=2), ["top_n (2)", "init_blocks + local_blocks", "1 + 2"]),
-    "forced blocks exceed n (custom)": (dict(top_n=4, init_blocks=3, local_blocks=2), ["top_n (4)", "3 + 2"]),
-    "vocabulary smaller than the tokenizer": (dict(vocab_size=256), ["vocab_size (256)", "260"]),
+    "int as str": ({"n_layer": "4"}, ["n_layer", "int", "'4'"]),
+    "bool as int": ({"top_n": True}, ["top_n", "True"]),
+    "float as int": ({"window": 512.0}, ["window", "512.0"]),
+    "str as number": ({"cmp_fn": 1}, ["cmp_fn", "str", "1"]),
+    "zero layers": ({"n_layer": 0}, ["n_layer", ">= 1", "0"]),
+    "negative window": ({"window": -5}, ["window", ">= 1", "-5"]),
+    "zero stride": ({"cmp_stride": 0}, ["cmp_stride", ">= 1", "0"]),
+    "zero top_n": ({"top_n": 0, "init_blocks": 0, "local_blocks": 0}, ["top_n", ">= 1", "0"]),
+    "negative init": ({"init_blocks": -1}, ["init_blocks", ">= 0", "-1"]),
+    "negative local": ({"local_blocks": -2}, ["local_blocks", ">= 0", "-2"]),
+    "zero theta": ({"rope_theta": 0.0}, ["rope_theta", "0.0", "> 0"]),
+    "nan theta": ({"rope_theta": math.nan}, ["rope_theta", "nan"]),
+    "infinite eps": ({"norm_eps": math.inf}, ["norm_eps", "inf"]),
+    "attention kind": ({"attention": "sparse"}, ["attention", "'sparse'", "nsa", "dense"]),
+    "cmp_fn": ({"cmp_fn": "max"}, ["cmp_fn", "'max'", "mlp", "mean"]),
+    "kv_mode": ({"kv_mode": "split"}, ["kv_mode", "'split'", "shared", "independent"]),
+    "heads not grouped": ({"n_head": 6, "n_kv_head": 4}, ["n_head (6)", "multiple", "n_kv_head (4)"]),
+    "odd head dim": ({"head_dim": 33}, ["head_dim (33)", "even", "RoPE"]),
+    "l not a multiple of d": ({"cmp_block": 24, "cmp_stride": 16}, ["cmp_block", "(24)", "cmp_stride", "(16)"]),
+    "l' not a multiple of d": ({"slc_block": 40}, ["slc_block", "(40)", "multiple", "cmp_stride", "(16)"]),
+    "forced blocks exceed n": ({"top_n": 2}, ["top_n (2)", "init_blocks + local_blocks", "1 + 2"]),
+    "forced blocks exceed n (custom)": ({"top_n": 4, "init_blocks": 3, "local_blocks": 2}, ["top_n (4)", "3 + 2"]),
+    "vocabulary smaller than the tokenizer": ({"vocab_size": 256}, ["vocab_size (256)", "260"]),
 }
 
 

@@ -25,7 +25,7 @@ VARIANTS = {
     "dense": TINY.replace(attention="dense"),
 }
 # fp32 on the CPU: cached and full computations differ only by summation order (about 1e-6 on O(1) logits).
-CLOSE = dict(rtol=1e-5, atol=1e-5)
+CLOSE = {"rtol": 1e-5, "atol": 1e-5}
 
 
 @pytest.fixture(autouse=True, scope="module")

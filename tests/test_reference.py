@@ -18,10 +18,18 @@ from tests import brute_force as bf
 
 LENGTHS = [1, 31, 32, 63, 64, 65, 1000, 2049]
 GROUPS = [1, 2, 3, 4, 16]
-PAPER = dict(cmp_block=32, cmp_stride=16, slc_block=64, top_n=16, init_blocks=1, local_blocks=2, window=512)
+
+
+def nsa_params(cmp_block, cmp_stride, slc_block, top_n, *, init_blocks=1, local_blocks=2, window=512):
+    """NSA hyperparameters (l, d, l', n, forced blocks, w) as keyword arguments for NSAConfig."""
+    return {"cmp_block": cmp_block, "cmp_stride": cmp_stride, "slc_block": slc_block, "top_n": top_n,
+            "init_blocks": init_blocks, "local_blocks": local_blocks, "window": window}
+
+
+PAPER = nsa_params(32, 16, 64, 16)
 DK, DV = 8, 6  # q/k dim differs from v dim on purpose
-TIGHT = dict(rtol=1e-10, atol=1e-10)  # float64 reference against float64 brute force
-F32 = dict(rtol=1e-5, atol=1e-5)  # float32 reference against float64 brute force
+TIGHT = {"rtol": 1e-10, "atol": 1e-10}  # float64 reference against float64 brute force
+F32 = {"rtol": 1e-5, "atol": 1e-5}  # float32 reference against float64 brute force
 
 
 def num_cmp(T, cmp_block, cmp_stride):
@@ -35,13 +43,13 @@ def make_inputs(T, G, *, TQ=None, B=None, hp=PAPER, dtype=torch.float64):
     B = B if B is not None else (2 if T <= 65 else 1)
     TQ = T if TQ is None else TQ
     Tc = num_cmp(T, hp["cmp_block"], hp["cmp_stride"])
-    return dict(
-        q=torch.randn(B, TQ, G * H, DK, dtype=dtype),
-        k=torch.randn(B, T, H, DK, dtype=dtype),
-        v=torch.randn(B, T, H, DV, dtype=dtype),
-        k_cmp=torch.randn(B, Tc, H, DK, dtype=dtype),
-        v_cmp=torch.randn(B, Tc, H, DV, dtype=dtype),
-    )
+    return {
+        "q": torch.randn(B, TQ, G * H, DK, dtype=dtype),
+        "k": torch.randn(B, T, H, DK, dtype=dtype),
+        "v": torch.randn(B, T, H, DV, dtype=dtype),
+        "k_cmp": torch.randn(B, Tc, H, DK, dtype=dtype),
+        "v_cmp": torch.randn(B, Tc, H, DV, dtype=dtype),
+    }
 
 
 def block_idx_from_sets(sets, shape):
@@ -145,10 +153,10 @@ def test_dense_matches_brute_force(T):
 
 
 HYPERPARAMETERS = {
-    "l=d=l'": dict(cmp_block=16, cmp_stride=16, slc_block=16, top_n=3, init_blocks=1, local_blocks=2, window=16),
-    "l'<l": dict(cmp_block=32, cmp_stride=8, slc_block=16, top_n=5, init_blocks=1, local_blocks=2, window=7),
-    "d<l<l'": dict(cmp_block=16, cmp_stride=8, slc_block=32, top_n=4, init_blocks=2, local_blocks=1, window=40),
-    "no forced": dict(cmp_block=8, cmp_stride=4, slc_block=8, top_n=2, init_blocks=0, local_blocks=0, window=3),
+    "l=d=l'": nsa_params(16, 16, 16, 3, window=16),
+    "l'<l": nsa_params(32, 8, 16, 5, window=7),
+    "d<l<l'": nsa_params(16, 8, 32, 4, init_blocks=2, local_blocks=1, window=40),
+    "no forced": nsa_params(8, 4, 8, 2, init_blocks=0, local_blocks=0, window=3),
 }
 
 
@@ -297,7 +305,7 @@ def test_empty_rows_give_finite_gradients_through_the_whole_layer():
 
 def test_gradients_match_finite_differences():
     """gradcheck in float64 on tiny inputs, empty compressed rows and a partial last block included."""
-    hp = dict(cmp_block=4, cmp_stride=2, slc_block=4)
+    hp = {"cmp_block": 4, "cmp_stride": 2, "slc_block": 4}
     x = make_inputs(11, 2, B=1, hp=hp)
     q, k, v, k_cmp, v_cmp = (x[n].requires_grad_() for n in ("q", "k", "v", "k_cmp", "v_cmp"))
     assert torch.autograd.gradcheck(

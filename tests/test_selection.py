@@ -14,15 +14,15 @@ import torch
 
 from nsa_core import masks, reference
 from tests import brute_force as bf
-from tests.test_reference import DK, GROUPS, LENGTHS, PAPER, make_inputs
+from tests.test_reference import DK, GROUPS, LENGTHS, PAPER, make_inputs, nsa_params
 
 HYPERPARAMETERS = {
     "paper": PAPER,
-    "l=d=l'": dict(cmp_block=16, cmp_stride=16, slc_block=16, top_n=3, init_blocks=1, local_blocks=2),
-    "l'<l": dict(cmp_block=32, cmp_stride=8, slc_block=16, top_n=5, init_blocks=1, local_blocks=2),
-    "two initial": dict(cmp_block=16, cmp_stride=8, slc_block=32, top_n=4, init_blocks=2, local_blocks=1),
-    "no forced": dict(cmp_block=8, cmp_stride=4, slc_block=8, top_n=2, init_blocks=0, local_blocks=0),
-    "all forced": dict(cmp_block=8, cmp_stride=8, slc_block=16, top_n=4, init_blocks=2, local_blocks=2),
+    "l=d=l'": nsa_params(16, 16, 16, 3),
+    "l'<l": nsa_params(32, 8, 16, 5),
+    "two initial": nsa_params(16, 8, 32, 4, init_blocks=2, local_blocks=1),
+    "no forced": nsa_params(8, 4, 8, 2, init_blocks=0, local_blocks=0),
+    "all forced": nsa_params(8, 8, 16, 4, init_blocks=2, local_blocks=2),
 }
 
 
