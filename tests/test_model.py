@@ -214,3 +214,32 @@ def test_dense_twin_has_the_nsa_parameters_minus_the_nsa_only_ones():
     dense = set(make_model("dense").state_dict())
     nsa_only = {n for n in nsa if ".k_compress." in n or ".v_compress." in n or ".attn.gate." in n}
     assert nsa_only and dense == nsa - nsa_only
+
+
+def test_attention_inputs_are_what_the_forward_pass_uses():
+    """model.attention_inputs (the app's on-demand analyses) returns exactly the layer's forward inputs."""
+    model = make_model("mlp-independent")
+    ids = random_ids(1, 70)
+    with torch.no_grad():
+        x = model.embed(ids)
+        for block in model.layers[:1]:
+            x, _ = block(x, ops=reference)
+        _, (inputs, parts) = model.layers[1].attn(model.layers[1].attn_norm(x), ops=reference, return_parts=True)
+        on_demand = model.attention_inputs(ids, 1)
+    for name in ("q", "k", "v", "k_win", "v_win", "k_cmp", "v_cmp", "gates"):
+        assert torch.equal(getattr(inputs, name), getattr(on_demand, name)), name
+
+
+def test_sampling_with_top_k_one_is_greedy_and_generation_stops_at_the_stop_token():
+    model = make_model("mlp-shared")
+    prompt = random_ids(2, 9)
+    greedy = model.generate(prompt, max_new_tokens=12, stop_token=None)
+    sampled = model.generate(prompt, max_new_tokens=12, stop_token=None, temperature=0.8, top_k=1,
+                             generator=torch.Generator().manual_seed(3))
+    assert torch.equal(greedy, sampled)
+    # Generation ends once every row has produced the stop token (here row 0's fifth token), or at the limit.
+    stop = int(greedy[0, 4])
+    stopped = model.generate(prompt, max_new_tokens=12, stop_token=stop)
+    first_stop = [int((row == stop).nonzero()[0]) if (row == stop).any() else 12 for row in greedy]
+    assert stopped.shape[1] == min(max(first_stop) + 1, 12)
+    assert torch.equal(stopped, greedy[:, : stopped.shape[1]])

@@ -247,3 +247,21 @@ def test_non_finite_scores_are_refused():
     scores[..., 2] = math.nan
     with pytest.raises(ValueError, match="finite"):
         reference.top_n_blocks(scores, pos, slc_block=64, top_n=2)
+
+
+def test_a_planted_needle_is_selected_and_dominates_the_selected_branch():
+    """A key far back that matches the query strongly: its block wins the top-n and its value the softmax."""
+    T, needle = 2049, 650  # block 10, far outside the window of the last query
+    x = make_inputs(T, 2, B=1, dtype=torch.float32)
+    direction = torch.randn(DK)
+    direction = direction / direction.norm()
+    x["q"][:, -1] = 12 * direction  # every head of the last query looks for the needle
+    x["k"][:, needle] = 12 * direction
+    for i in range(x["k_cmp"].shape[1]):  # compressed tokens whose window holds the needle carry it too
+        if i * 16 <= needle < i * 16 + 32:
+            x["k_cmp"][:, i] = 12 * direction
+    block_idx = reference_selection(x, PAPER)
+    assert (block_idx[0, -1] == needle // 64).any(-1).all()  # both KV heads chose block 10
+    o = reference.selected_attention(x["q"][:, -1:], x["k"], x["v"], block_idx[:, -1:], slc_block=64,
+                                     q_start=T - 1)
+    torch.testing.assert_close(o[0, 0], x["v"][0, needle].repeat_interleave(2, 0), rtol=0, atol=1e-3)
