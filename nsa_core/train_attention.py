@@ -4,12 +4,13 @@ Same math and `nsa_attention` signature as `reference.nsa_attention` for whole s
 the three branches become FlexAttention calls with mask functions (compressed: i*d + l - 1 <= t;
 selected: the query's selected blocks, causally; window: t - w < s <= t), and the top-n selection
 reuses the reference's `importance_scores` / `top_n_blocks` on the compressed branch's lse, since no
-gradient flows through the selection. FlexAttention never builds a T x T matrix and skips the key
-blocks no query of a query block needs, which is what makes 16k-token training affordable while the
+gradient flows through the selection. FlexAttention keeps no T x T score matrix and skips the key
+tiles no query of a query tile needs, which is what makes 16k-token training affordable while the
 Triton kernels are forward-only.
 
-The block masks are built here from block_idx directly (`BlockMask.from_kv_blocks`), so no mask
-function is ever evaluated over the whole T x T grid.
+The selection branch's block mask changes every step, so it is built from block_idx directly
+(`BlockMask.from_kv_blocks`) rather than by evaluating a mask function over the T x T grid; the
+window and compressed masks depend on positions only and are built once per shape.
 """
 
 from __future__ import annotations
