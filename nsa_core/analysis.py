@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import masks, reference
-from .model import AttentionInputs, NSALM
+from .model import NSALM, AttentionInputs
 from .trace import LayerTrace, ModelTrace
 
 # Score elements one chunk of the PyTorch path may hold (~16 MB of float32 per temporary).
@@ -137,7 +137,7 @@ def query_detail(model: NSALM, ids: torch.Tensor, *, layer: int, query: int,
     a = inputs if inputs is not None else model.attention_inputs(ids, layer)
     q = a.q[:1, query:query + 1].float()  # [1, 1, HQ, Dk]
     k_cmp = a.k_cmp[:1].float()  # [1, Tc, H, Dk]
-    HQ, H, Tc = c.n_head, c.n_kv_head, k_cmp.shape[1]
+    H, Tc = c.n_kv_head, k_cmp.shape[1]
     num_slc = masks.num_selection_blocks(T, c.slc_block)
     _, lse = reference.compressed_attention(q, k_cmp, a.v_cmp[:1].float(), cmp_block=c.cmp_block,
                                             cmp_stride=c.cmp_stride, q_start=query)  # [1, 1, HQ]
@@ -314,7 +314,8 @@ def gate_stats(trace: ModelTrace, *, layer: int, bins: int = 40, position_bins: 
     T = trace.num_tokens
     g = _trace_layer(trace, layer, T).gates  # [T, HQ, 3]
     if bins < 1 or position_bins < 1 or context < 0:
-        raise ValueError(f"bins and position_bins must be >= 1 and context >= 0, got {bins}, {position_bins}, {context}")
+        raise ValueError(f"bins and position_bins must be >= 1 and context >= 0, got {bins}, {position_bins}, "
+                         f"{context}")
     if T == 0:
         raise ValueError("the trace holds no tokens")
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -325,9 +326,9 @@ def gate_stats(trace: ModelTrace, *, layer: int, bins: int = 40, position_bins: 
     cell = _cell_size(T, position_bins)
     pos_edges = _edges(0, T, cell)
     pos_mean = np.add.reduceat(g, pos_edges[:-1], axis=0) / np.diff(pos_edges)[:, None, None]
-    stats = dict(layer=layer, hist_edges=edges, hist=hist.astype(np.int64), mean=g.mean(0),
-                 quantiles=np.quantile(g, QUANTILE_LEVELS, axis=0).astype(np.float32),
-                 position_edges=pos_edges, position_mean=pos_mean.astype(np.float32))
+    stats = {"layer": layer, "hist_edges": edges, "hist": hist.astype(np.int64), "mean": g.mean(0),
+             "quantiles": np.quantile(g, QUANTILE_LEVELS, axis=0).astype(np.float32),
+             "position_edges": pos_edges, "position_mean": pos_mean.astype(np.float32)}
     if token_range is not None:
         lo, hi = token_range
         if not 0 <= lo < hi <= T:

@@ -14,8 +14,8 @@ from nsa_core.model import NSALM
 from tests import brute_force as bf
 
 T = 160
-SMALL = dict(d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, v_head_dim=16, mlp_hidden=96,
-             cmp_block=8, cmp_stride=4, slc_block=16, top_n=4, window=24)
+SMALL = {"d_model": 64, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "head_dim": 16, "v_head_dim": 16, "mlp_hidden": 96,
+         "cmp_block": 8, "cmp_stride": 4, "slc_block": 16, "top_n": 4, "window": 24}
 
 
 def build(**changes):
@@ -177,7 +177,8 @@ def test_gate_stats_and_atlas(setup):
     stats = analysis.gate_stats(trace, layer=1, bins=10, position_bins=7, token_range=(50, 60), context=5)
     for hq in range(g.shape[1]):
         for branch in range(3):
-            np.testing.assert_array_equal(stats.hist[hq, branch], np.histogram(g[:, hq, branch], bins=10, range=(0, 1))[0])
+            expected = np.histogram(g[:, hq, branch], bins=10, range=(0, 1))[0]
+            np.testing.assert_array_equal(stats.hist[hq, branch], expected)
     np.testing.assert_allclose(stats.mean, g.mean(0), rtol=1e-6)
     np.testing.assert_allclose(stats.quantiles[2], np.median(g, 0), rtol=1e-6)
     edges = stats.position_edges
@@ -218,7 +219,7 @@ def test_analyses_on_cuda_match_cpu():
     model, ids, trace = build()
     cuda = NSALM(model.config).cuda().eval()
     cuda.load_state_dict(model.state_dict())
-    args = dict(layer=1)
+    args = {"layer": 1}
     np.testing.assert_allclose(analysis.dense_recall(cuda, ids.cuda(), trace, **args),
                                analysis.dense_recall(model, ids, trace, **args), atol=1e-4)
     np.testing.assert_allclose(analysis.oracle_overlap(cuda, ids.cuda(), trace, **args),

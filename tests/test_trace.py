@@ -18,8 +18,8 @@ from nsa_core.config import NSAConfig
 from nsa_core.model import NSALM
 from nsa_core.trace import ModelTrace, TraceFileError, chosen_block_scores
 
-SMALL = dict(d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, v_head_dim=16, mlp_hidden=96,
-             cmp_block=8, cmp_stride=4, slc_block=16, top_n=4, window=24)
+SMALL = {"d_model": 64, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "head_dim": 16, "v_head_dim": 16, "mlp_hidden": 96,
+         "cmp_block": 8, "cmp_stride": 4, "slc_block": 16, "top_n": 4, "window": 24}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -156,7 +156,8 @@ def test_trace_is_linear_in_T_and_the_process_stays_small():
         model = NSALM(NSAConfig()).eval()
         with torch.no_grad():
             _, trace = model(torch.randint(0, 256, (1, 512)), trace=True)
-        print(json.dumps({"nbytes": trace.nbytes, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"nbytes": trace.nbytes, "peak_mb": peak_mb}))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, check=True)
