@@ -113,3 +113,42 @@ def test_ddp_with_two_gloo_processes(tmp_path, corpus_root):
     assert metrics["world_size"] == 2 and metrics["ddp_replicas_identical"] is True
     assert metrics["tokens"] == 2 * 2 * 256  # both processes' rows count
     load_pretrained(tmp_path / "ddp")
+
+
+def _flex_inputs(device, requires_grad):
+    from nsa_core.config import NSAConfig
+
+    config = NSAConfig(n_head=4, n_kv_head=2, head_dim=16, v_head_dim=16, cmp_block=16, cmp_stride=8, slc_block=32,
+                       top_n=3, window=48)
+    B, T, Tc = 1, 160, (160 - 16) // 8 + 1
+    shapes = [(B, T, 4, 16), (B, T, 2, 16), (B, T, 2, 16), (B, Tc, 2, 16), (B, Tc, 2, 16)]
+    inputs = [torch.randn(s, device=device, requires_grad=requires_grad) for s in shapes]
+    inputs.append(torch.rand(B, T, 4, 3, device=device, requires_grad=requires_grad))
+    return config, inputs
+
+
+@torch.no_grad()
+def test_flex_attention_path_matches_the_reference_forward():
+    from nsa_core import reference
+    from nsa_core.train_attention import FlexNSA
+
+    config, inputs = _flex_inputs("cpu", requires_grad=False)
+    expected = reference.nsa_attention(*inputs, config=config)
+    actual = FlexNSA(compile=False).nsa_attention(*inputs, config=config)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="whole sequences"):
+        FlexNSA(compile=False).nsa_attention(*inputs, config=config, q_start=5)
+
+
+@pytest.mark.gpu
+def test_flex_attention_path_matches_the_reference_gradients():
+    from nsa_core import reference
+    from nsa_core.train_attention import FlexNSA
+
+    config, inputs = _flex_inputs("cuda", requires_grad=True)
+    expected = reference.nsa_attention(*inputs, config=config)
+    actual = FlexNSA(compile=True).nsa_attention(*inputs, config=config)
+    weights = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad((actual * weights).sum(), inputs),
+                    torch.autograd.grad((expected * weights).sum(), inputs), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
