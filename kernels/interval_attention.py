@@ -128,8 +128,9 @@ def _interval_attn_fwd_kernel(
     tl.store(O + out_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
 
 
-# (BLOCK_R, BLOCK_N, num_warps, num_stages) on a GPU, for head dims up to 128 ("narrow") and above.
-LAUNCH = {"narrow": (128, 64, 8, 3), "wide": (64, 32, 8, 2)}
+# (BLOCK_R, BLOCK_N, num_warps, num_stages) on a GPU, for head dims up to 128 ("narrow") and above:
+# the fastest of the candidates that benchmarks/bench_attention.py --tune sweeps (H100, Triton 3.6).
+LAUNCH = {"narrow": (64, 64, 4, 3), "wide": (128, 64, 8, 2)}
 
 
 def _launch_config(G: int, dk: int, dv: int, on_gpu: bool) -> tuple[int, int, int, int]:

@@ -147,7 +147,7 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None):
 # Groups up to this size take the block-centric path by default.
 BLOCK_PATH_MAX_GROUP = 8
 # Rows (pairs x G) per block-centric program on a GPU: more pairs per program, fewer re-reads of a block.
-BLOCK_PATH_ROWS = 64
+BLOCK_PATH_ROWS = 128
 
 
 def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common):
