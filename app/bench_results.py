@@ -1,9 +1,11 @@
 """Recorded kernel benchmarks (benchmarks/results/*.json) turned into chart series. No Streamlit here.
 
 A result file holds a list of measurement records (top level, or under "results"/"rows"/"records"),
-each a flat object with a context length, a time in milliseconds, the implementation measured, and
-optionally the stage and the shape. Records are grouped into one chart per (stage, shape) with one
-line per implementation; everything else in the file is shown as its description.
+each a flat object with a context length and either (long form) a time in milliseconds with the
+implementation measured, optionally its stage and shape, or (wide form) several fields named *_ms or
+*_s. Long records are grouped into one chart per shape with one line per (stage, implementation);
+wide ones into one chart with a line per field. The file's scalar fields (card, date, versions,
+method) describe it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ MAX_FILE_BYTES = 8 << 20
 _LENGTH = ("T", "seq_len", "length", "tokens", "context")
 _TIME = ("ms", "median_ms", "time_ms", "ms_median")
 _IMPL = ("impl", "provider", "implementation", "method", "name", "backend")
-_GROUP = ("stage", "shape", "config", "dim", "head_dim")
+_GROUP = ("shape", "config", "head_dim")  # one chart per shape
+_STAGE = ("stage", "op")
+# Stages named "tune:..." are kernel-configuration sweeps: listed in the table, left out of the charts.
+_TUNING_PREFIX = "tune:"  # part of the line name: "nsa · triton", "dense · sdpa-flash"
 
 
 class ResultsError(ValueError):
@@ -38,6 +43,25 @@ def result_files(folder: Path = RESULTS_DIR) -> list[Path]:
 
 def _pick(record: dict, names: tuple[str, ...]):
     return next((record[n] for n in names if n in record), None)
+
+
+def _measurements(record: dict, wide_title: str):
+    """(chart title, line name, ms) of one record: long form (an implementation and its time) or wide
+    form (one line per field named *_ms or *_s, seconds converted to milliseconds)."""
+    ms, impl = _pick(record, _TIME), _pick(record, _IMPL)
+    if isinstance(ms, int | float) and impl is not None:
+        title = " · ".join(f"{k} {record[k]}" for k in _GROUP if k in record) or "attention forward"
+        stage = _pick(record, _STAGE)
+        if str(stage).startswith(_TUNING_PREFIX):
+            return
+        yield title, f"{stage} · {impl}" if stage is not None else str(impl), float(ms)
+        return
+    for key, value in record.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if key.endswith("_ms"):
+                yield wide_title, key[:-3], float(value)
+            elif key.endswith("_s"):
+                yield wide_title, key[:-2], float(value) * 1e3
 
 
 def load(path: Path) -> Recorded:
@@ -62,14 +86,15 @@ def parse(doc, *, name: str = "results") -> Recorded:
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ResultsError(f"{name}: the records must be a list of objects")
     charts: dict[str, dict[str, tuple[list[int], list[float]]]] = defaultdict(dict)
+    wide_title = str(meta.get("benchmark", "timings"))
     for record in records:
-        length, ms, impl = _pick(record, _LENGTH), _pick(record, _TIME), _pick(record, _IMPL)
-        if not isinstance(length, int | float) or not isinstance(ms, int | float) or impl is None:
+        length = _pick(record, _LENGTH)
+        if not isinstance(length, int | float):
             continue
-        title = " · ".join(f"{k} {record[k]}" for k in _GROUP if k in record) or "attention forward"
-        xs, ys = charts[title].setdefault(str(impl), ([], []))
-        xs.append(int(length))
-        ys.append(float(ms))
+        for title, line, ms in _measurements(record, wide_title):
+            xs, ys = charts[title].setdefault(line, ([], []))
+            xs.append(int(length))
+            ys.append(ms)
     for series in charts.values():
         for impl, (xs, ys) in series.items():
             order = sorted(range(len(xs)), key=xs.__getitem__)

@@ -14,6 +14,7 @@ and kept in a private temporary folder).
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -140,6 +141,27 @@ def dense_twin(config) -> str | None:
                 (config.d_model, config.n_layer, config.n_head, config.n_kv_head):
             return name
     return None
+
+
+NIAH_FILE = "niah.json"  # a sweep recorded next to a shipped checkpoint (nsa_core.niah.write_results)
+
+
+def recorded_niah(source: str) -> dict | None:
+    """The needle sweep shipped with a checkpoint directory, or None when there is none or it is unreadable."""
+    try:
+        path = source_path(source) / NIAH_FILE
+    except SourceError:
+        return None
+    if not path.is_file() or path.stat().st_size > 8 << 20:
+        return None
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        grid = np.asarray(results["accuracy"], dtype=np.float32)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if grid.shape != (len(results.get("lengths", ())), len(results.get("depths", ()))):
+        return None
+    return results
 
 
 def store_upload(data: bytes) -> str:

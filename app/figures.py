@@ -37,6 +37,13 @@ MAX_OVERLAY = 128 * 128
 FONT = dict(family="Inter, system-ui, sans-serif", size=13)
 
 
+def _clickable(fig: go.Figure) -> go.Figure:
+    """Let the pointer anywhere in a cell hover (and so click) the cell's overlay marker: with no hover
+    distance cut-off the nearest marker wins, and on a rectangular grid of centres the nearest one is
+    the centre of the cell under the pointer, however wide the cell is on screen."""
+    return fig.update_layout(hovermode="closest", hoverdistance=-1)
+
+
 def _layout(fig: go.Figure, *, title: str | None = None, height: int = 420) -> go.Figure:
     fig.update_layout(template="plotly_white", font=FONT, height=height, margin=dict(l=60, r=20, t=60 if title else 30, b=50),
                       title=dict(text=title, x=0.01, xanchor="left") if title else None, hoverlabel=dict(font_size=12))
@@ -142,7 +149,7 @@ def gate_atlas(mean_gates: np.ndarray, *, selected: tuple[int, int] | None = Non
             fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
                           line=dict(color=MISS_COLOR, width=2), row=1, col=i + 1)
     fig.update_yaxes(title_text="layer", row=1, col=1)
-    return _layout(fig, height=max(260, 70 + 36 * L))
+    return _layout(_clickable(fig), height=max(260, 70 + 36 * L))
 
 
 # Block-selection map and NSA against dense ---------------------------------------------------------
@@ -187,7 +194,7 @@ def selection_map(selected: np.ndarray, q_edges: np.ndarray, k_edges: np.ndarray
         fig.add_trace(overlay)
     _map_axes(fig, q_edges, k_edges, zoom=zoom)
     fig.update_layout(legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
-    return _layout(fig, title=title, height=520)
+    return _layout(_clickable(fig), title=title, height=520)
 
 
 def future_cells(q_edges: np.ndarray, k_edges: np.ndarray) -> np.ndarray:
@@ -230,7 +237,7 @@ def nsa_vs_dense(mass: np.ndarray, covered: np.ndarray, q_edges: np.ndarray, k_e
         if overlay is not None:
             fig.add_trace(overlay)
         _map_axes(fig, q_edges, k_edges, row=1, col=i + 1, zoom=zoom, ylabel=i == 0)
-    return _layout(fig, height=440)
+    return _layout(_clickable(fig), height=440)
 
 
 def head_recall(recall: np.ndarray, *, oracle: np.ndarray | None = None, selected_head: int | None = None) -> go.Figure:
@@ -441,7 +448,7 @@ def niah_grid(lengths: Sequence[int], depths: Sequence[float], score: np.ndarray
                      range=[-0.5, len(lengths) - 0.5])
     fig.update_yaxes(tickvals=ys, ticktext=[f"{d:.0%}" for d in depths], title_text="needle depth",
                      range=[len(depths) - 0.5, -0.5])
-    return _layout(fig, title=title, height=max(260, 90 + 30 * len(depths)))
+    return _layout(_clickable(fig), title=title, height=max(260, 90 + 30 * len(depths)))
 
 
 def _tokens_label(n: int) -> str:

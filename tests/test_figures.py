@@ -78,6 +78,8 @@ def test_selection_map_marks_the_causal_future_as_nan_and_reverses_the_query_axi
     assert np.isnan(forced_z[:, 1:]).all() and (forced_z[:, 0] == 1).all()
     overlay = _overlays(fig)[0]
     np.testing.assert_allclose(sorted(set(overlay.y)), (edges[:-1] + edges[1:] - 1) / 2)
+    # Cells can be far wider on screen than a marker: the nearest marker must win, at any distance.
+    assert fig.layout.hoverdistance == -1 and fig.layout.hovermode == "closest"
 
 
 def test_selection_map_checks_edges_against_the_values():
@@ -219,17 +221,28 @@ def test_zoom_from_a_box_is_clipped_to_the_sequence():
 # Recorded benchmarks ---------------------------------------------------------------------------------
 
 def test_bench_results_group_records_into_charts():
-    doc = {"card": "H100", "date": "2026-11-28", "results": [
-        {"stage": "total", "impl": "nsa", "T": 16384, "ms": 2.0},
-        {"stage": "total", "impl": "nsa", "T": 8192, "ms": 1.0},
-        {"stage": "total", "impl": "sdpa", "T": 8192, "ms": 3.0},
-        {"stage": "select", "impl": "nsa", "T": 8192, "ms": 0.5},
+    doc = {"card": "H100", "date": "2026-11-28", "errors": ["x"], "results": [
+        {"shape": "paper128", "stage": "nsa", "impl": "triton", "T": 16384, "ms": 2.0},
+        {"shape": "paper128", "stage": "nsa", "impl": "triton", "T": 8192, "ms": 1.0},
+        {"shape": "paper128", "stage": "dense", "impl": "sdpa-flash", "T": 8192, "ms": 3.0},
+        {"shape": "small", "stage": "select", "impl": "triton", "T": 8192, "ms": 0.5},
+        {"shape": "small", "stage": "tune:select-merge", "impl": "4", "T": 8192, "ms": 0.4},
         {"note": "no numbers here"},
     ]}
     rec = bench_results.parse(doc)
-    assert rec.charts["stage total"]["nsa"] == ([8192, 16384], [1.0, 2.0])
-    assert set(rec.charts) == {"stage total", "stage select"}
-    assert "card: H100" in rec.description
+    assert rec.charts["shape paper128"]["nsa · triton"] == ([8192, 16384], [1.0, 2.0])
+    assert set(rec.charts["shape paper128"]) == {"nsa · triton", "dense · sdpa-flash"}
+    assert set(rec.charts) == {"shape paper128", "shape small"}
+    assert set(rec.charts["shape small"]) == {"select · triton"}  # tuning sweeps stay in the table only
+    assert len(rec.rows) == 6
+    assert "card: H100" in rec.description and "errors" not in rec.description
+
+
+def test_bench_results_read_wide_records_as_one_line_per_timing_field():
+    doc = {"benchmark": "trace", "rows": [{"T": 2048, "trace_s": 0.5, "maps_ms": 3.0, "mean_recall": 0.2},
+                                          {"T": 1024, "trace_s": 0.25, "maps_ms": 2.0, "mean_recall": 0.3}]}
+    rec = bench_results.parse(doc)
+    assert rec.charts == {"trace": {"trace": ([1024, 2048], [250.0, 500.0]), "maps": ([1024, 2048], [2.0, 3.0])}}
 
 
 def test_bench_results_refuse_a_file_without_records(tmp_path):

@@ -87,7 +87,24 @@ with one:
                               name=f"needle-gates-L{layer}")
                 st.caption(f"Gates of layer {layer} at the answer token (pick the layer on the Explorer page).")
 
+def show_grids(results: dict[str, dict], key: str) -> None:
+    """One length x depth grid per model, side by side; results[label] as nsa_core.niah.sweep returns it."""
+    cols = st.columns(len(results))
+    for col, (label, res) in zip(cols, results.items(), strict=True):
+        score = np.array(res["accuracy"], dtype=np.float32).T  # [depths, lengths]
+        with col:
+            widgets.chart(figures.niah_grid(res["lengths"], res["depths"], score, title=f"{label}: exact match",
+                                            trials=np.full(score.shape, res["trials"])),
+                          key=f"{key}_{label}", name=f"niah-{label}")
+
+
 with sweep_tab:
+    shipped = {label: rec for label, source in [(loaded.label, loaded.source), (twin_name, twin_source)]
+               if source and (rec := cache.recorded_niah(source))}
+    if shipped:
+        st.markdown("**Recorded with the checkpoints** (the sweep in each model's `niah.json`)")
+        show_grids(shipped, "recorded")
+        st.markdown("**Run your own**")
     st.caption("Every (length, depth) cell runs `trials` prompts with their own keys and haystack offsets. "
                "On a CPU keep it small: each prompt is a full forward pass.")
     c1, c2, c3 = st.columns([3, 1, 1])
@@ -118,11 +135,5 @@ with sweep_tab:
         st.session_state["_sweep"] = results
     results = st.session_state.get("_sweep")
     if results:
-        cols = st.columns(len(results))
-        for col, (label, res) in zip(cols, results.items(), strict=True):
-            score = np.array(res["accuracy"], dtype=np.float32).T  # [depths, lengths]
-            with col:
-                widgets.chart(figures.niah_grid(res["lengths"], res["depths"], score, title=f"{label}: exact match",
-                                                trials=np.full(score.shape, res["trials"])),
-                              key=f"sweep_grid_{label}", name=f"niah-{label}")
+        show_grids(results, "sweep_grid")
         widgets.download_json("Download sweep results (JSON)", results, file_name="niah-sweep.json", key="dl_sweep")

@@ -47,12 +47,17 @@ files = bench_results.result_files()
 if not files:
     st.info(f"No recorded benchmark in `{bench_results.RESULTS_DIR}` yet.")
     st.stop()
-name = st.selectbox("Result file", [f.name for f in files], key="bench_file")
-try:
-    recorded = bench_results.load(bench_results.RESULTS_DIR / name)
-except bench_results.ResultsError as err:
-    st.error(str(err))
+loaded_files = {}
+for f in files:
+    try:
+        loaded_files[f.name] = bench_results.load(f)
+    except bench_results.ResultsError as err:
+        st.warning(f"Skipped {f.name}: {err}")
+if not loaded_files:
     st.stop()
+names = sorted(loaded_files, key=lambda n: -len(loaded_files[n].charts))  # the richest file first
+name = st.selectbox("Result file", names, key="bench_file")
+recorded = loaded_files[name]
 st.caption(recorded.description)
 for i, (title, series) in enumerate(recorded.charts.items()):
     widgets.chart(figures.benchmark_lines(series, title=title), key=f"bench_rec_{i}", name=f"benchmark-{i}")
