@@ -48,14 +48,14 @@ def _select_blocks_kernel(
     sqb, sqt, sqh, skb, skt, skh, slb, slt, slh,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
-    TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, NM: tl.constexpr, BC: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    PREC: tl.constexpr,
+    TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, NM: tl.constexpr, BC: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr,
 ):
     R: tl.constexpr = BT * GP
     PER_BLOCK: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
     SPAN: tl.constexpr = CMP_BLOCK // CMP_STRIDE  # stride units one compressed token covers
     CHUNK: tl.constexpr = NB * PER_BLOCK  # compressed tokens starting in one chunk of NB blocks (<= BC)
-    ID_MASK: tl.constexpr = (1 << 20) - 1
+    ID_MASK: tl.constexpr = (1 << 20) - 1  # 20 = ID_BITS
 
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -90,7 +90,8 @@ def _select_blocks_kernel(
     # covers units [jl * PER_BLOCK, (jl + 1) * PER_BLOCK). Column NB is the next chunk's first block.
     i_loc = tl.arange(0, BC)
     jl = tl.arange(0, NB)
-    w = tl.minimum(i_loc[:, None] + SPAN, (jl[None, :] + 1) * PER_BLOCK) - tl.maximum(i_loc[:, None], jl[None, :] * PER_BLOCK)
+    w = (tl.minimum(i_loc[:, None] + SPAN, (jl[None, :] + 1) * PER_BLOCK)
+         - tl.maximum(i_loc[:, None], jl[None, :] * PER_BLOCK))
     w = tl.where(i_loc[:, None] < CHUNK, tl.maximum(w, 0), 0).to(tl.float32)  # [BC, NB]
     w_next = tl.minimum(i_loc + SPAN, (NB + 1) * PER_BLOCK) - tl.maximum(i_loc, NB * PER_BLOCK)
     w_next = tl.where(i_loc < CHUNK, tl.maximum(w_next, 0), 0).to(tl.float32)  # [BC]
@@ -127,7 +128,7 @@ def _select_blocks_kernel(
             j = j0 + jl  # [NB] global block ids
             forced = (j[None, :] < INIT) | ((j[None, :] > cur[:, None] - LOCAL) & (j[None, :] <= cur[:, None]))
             score = tl.where(forced, float("inf"), blk)
-            key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 20) | (ID_MASK - j)[None, :]
+            key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 20) | (ID_MASK - j)[None, :]  # 20 = ID_BITS
             key = tl.where(j[None, :] <= cur[:, None], key, -1)
             if NM == NB:
                 cand = key
@@ -156,8 +157,8 @@ def _select_blocks_kernel(
     tl.store(out, out_ids, mask=tq_ok[:, None] & (col[None, :] < TOP_N))
 
 
-
 def _launch_config(G: int, dk: int, top_n: int, per_block: int, on_gpu: bool):
+    """(GP, BT, NB, NM, BC, num_warps, num_stages) for the selection kernel."""
     gp = pow2(G)
     nb = 16
     # Chunks of about 64..128 compressed keys keep the score tile [R, BC] in registers.
@@ -221,7 +222,7 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
             q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
             G=G, GP=gp, BT=bt, DK=DK, BLOCK_DK=pow2(DK, 16), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-            SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, NM=nm, BC=bc, INIT=init_blocks, LOCAL=local_blocks,
-            PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+            SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, NM=nm, BC=bc, INIT=init_blocks,
+            LOCAL=local_blocks, PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         )
     return idx
