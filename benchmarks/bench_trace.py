@@ -11,7 +11,8 @@ compile the kernel variant for the length's cell size (timed apart as first_map_
 oracle overlap of that layer. "goal" = traced forward + inputs + maps, the issue's "trace of a
 64k-token input with pooled dense maps for one layer" (target on an H100: under 2 s). Each CPU length runs in
 a fresh process so that its peak RSS is its own; on CUDA one process runs all lengths after a
-warm-up that compiles the kernels, and reports the peak GPU memory per length. Weights are random
+warm-up that compiles the kernels, and reports the peak GPU memory per length. CPU times are
+process CPU seconds (summed over threads), GPU times synchronised wall seconds. Weights are random
 (the numbers depend on shapes, not on training); token ids are random bytes. Results go to
 benchmarks/results/trace_<device>_<date>.json and a table is printed last.
 """
@@ -40,13 +41,17 @@ from nsa_core.model import NSALM  # noqa: E402
 
 
 def timed(fn, device):
+    """(fn(), seconds). On the CPU the seconds are the process's CPU time (all threads), which a
+    shared machine's other load inflates far less than wall time; on CUDA, synchronised wall time."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, time.perf_counter() - start
+    start = time.process_time()
     out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    return out, time.process_time() - start
 
 
 def measure(model: NSALM, T: int, *, maps_heads: int, analyses: bool) -> dict:
