@@ -272,3 +272,39 @@ def test_supports_reports_reasons():
     assert not ok and "l'" in reason
     ok, reason = kernels.supports(_config(4), device="cuda", dtype=torch.int8)
     assert not ok and "dtype" in reason
+
+
+def test_nsa_attention_ignores_the_future():
+    """Changing keys, values and compressed tokens after position p leaves every output at t <= p unchanged."""
+    cfg, p = _config(3), 41
+    q, k, v = _qkv(1, 70, 70, 2, 3)
+    k_cmp, v_cmp = _cmp_kv(1, 70, 2)
+    gates = torch.rand(1, 70, 6, 3)
+    before = kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg)
+    k2, v2, k_cmp2, v_cmp2 = k.clone(), v.clone(), k_cmp.clone(), v_cmp.clone()
+    k2[:, p + 1:], v2[:, p + 1:] = torch.randn_like(k2[:, p + 1:]), torch.randn_like(v2[:, p + 1:])
+    future = torch.arange(k_cmp.shape[1]) * D_STRIDE + L - 1 > p  # windows that end after p
+    k_cmp2[:, future], v_cmp2[:, future] = torch.randn_like(k_cmp2[:, future]), torch.randn_like(v_cmp2[:, future])
+    after = kernels.nsa_attention(q, k2, v2, k_cmp2, v_cmp2, gates, config=cfg)
+    assert torch.equal(before[:, : p + 1], after[:, : p + 1])
+    assert not torch.equal(before[:, p + 1:], after[:, p + 1:])
+
+
+def test_model_layers_on_kernels_match_reference():
+    """NSALM's attention layers fed through the kernels (ops=kernels) give the reference logits."""
+    from nsa_core.model import NSALM
+
+    cfg = NSAConfig(d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, v_head_dim=16, mlp_hidden=128,
+                    cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC, top_n=TOP_N, window=WINDOW)
+    model = NSALM(cfg)
+    model.reset_parameters(seed=0)
+    ids = torch.randint(0, 256, (1, 90))
+
+    def logits(ops):
+        x = model.embed(ids)
+        for layer in model.layers:
+            x, _ = layer(x, ops=ops)
+        return model.lm_head(model.norm(x))
+
+    with torch.no_grad():
+        _close(logits(kernels), logits(ref), tol=1e-4)
