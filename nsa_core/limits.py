@@ -259,6 +259,30 @@ def oom_guard(what: str, *, device: torch.device | str | None = None) -> Iterato
         raise DeviceOutOfMemory(what=what, device=label, detail=detail, free_bytes=free) from None
 
 
+@contextlib.contextmanager
+def model_run(model, tokens: int, what: str, *, trace: bool = False, analyses: Iterable[str] = ()) -> Iterator[None]:
+    """`check_context` for this NSALM's config, device, dtype and backend, then `oom_guard(what)`.
+
+    Raises ContextTooLong before the block runs when the request cannot fit, DeviceOutOfMemory when
+    it runs out of memory anyway.
+    """
+    check_context(model.config, tokens, device=model.device, dtype=model.dtype, backend=_backend_of(model),
+                  trace=trace, analyses=analyses)
+    with oom_guard(what, device=model.device):
+        yield
+
+
+def model_max_context(model, *, trace: bool = False, analyses: Iterable[str] = ()) -> int:
+    """`max_context` for this NSALM where it runs now (its device's free memory)."""
+    return max_context(model.config, device=model.device, dtype=model.dtype, backend=_backend_of(model),
+                       trace=trace, analyses=analyses)
+
+
+def _backend_of(model) -> str:
+    ops, _ = model.ops()
+    return "triton" if ops.__name__.startswith("kernels") else "reference"
+
+
 # The arithmetic -----------------------------------------------------------------------------------
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
 
 import pytest
+import streamlit as st
 import torch
+from streamlit.testing.v1 import AppTest
 from torch.profiler import ProfilerActivity, profile
 
-from nsa_core import analysis, limits, reference, trace
+from nsa_core import analysis, launch, limits, reference, trace
 from nsa_core.config import NSAConfig
 from nsa_core.model import NSALM
 
@@ -216,3 +219,53 @@ def test_gpu_estimate_bounds_the_measured_peak(backend):
     estimate = limits.estimate_memory(NSAConfig(), 8192, dtype=torch.bfloat16, backend=backend, trace=True,
                                       device="cuda")
     assert measured <= estimate.tensor_bytes, (measured, estimate.describe())
+
+
+# The app: every model run goes through the check and the guard, and the server keeps serving ----------
+
+
+def _explorer(monkeypatch) -> AppTest:
+    monkeypatch.delenv(launch.ENV_CHECKPOINT, raising=False)
+    monkeypatch.setenv(launch.ENV_DEVICE, "cpu")
+    st.cache_data.clear()
+    app = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+    at = AppTest.from_file(str(app), default_timeout=120)
+    at.session_state["max_tokens"] = 96
+    return at
+
+
+def _messages(at) -> tuple[list[str], list[str]]:
+    return [str(e.value) for e in at.error], [str(e.value) for e in at.exception]
+
+
+def test_the_app_refuses_a_context_the_device_cannot_hold_and_goes_on(monkeypatch):
+    at = _explorer(monkeypatch)
+    real_free_memory = limits.free_memory
+    monkeypatch.setattr(limits, "free_memory", lambda device: limits.RESERVE_BYTES["cpu"] + (1 << 20))
+    at.run()
+    errors, exceptions = _messages(at)
+    assert not exceptions
+    assert any("tokens need about" in e and "free" in e for e in errors), errors
+    monkeypatch.setattr(limits, "free_memory", real_free_memory)
+    at.run()
+    assert _messages(at) == ([], [])
+    assert any(m.label == "Tokens" for m in at.metric)
+
+
+def test_the_app_reports_an_out_of_memory_run_and_serves_the_next_one(monkeypatch):
+    at = _explorer(monkeypatch)
+    real_forward = NSALM.forward
+
+    def failing_forward(self, ids, **kwargs):
+        _scratch = torch.ones(1 << 20)  # held by the failing frame, as a real forward would
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(NSALM, "forward", failing_forward)
+    at.run()
+    errors, exceptions = _messages(at)
+    assert not exceptions
+    assert any("out of memory" in e and "tracing 96 tokens" in e for e in errors), errors
+    monkeypatch.setattr(NSALM, "forward", real_forward)
+    at.run()
+    assert _messages(at) == ([], [])
+    assert any(m.label == "Tokens" for m in at.metric)
