@@ -23,13 +23,14 @@ each stage's temporaries before the next, so the peak is
   outputs computed so far:
   proj: RMSNorm in float32, q/k/v and the un-rotated copies phi reads, RoPE's float32 temporaries
     (about 4 copies of q), phi's flattened windows (Tc x H x l x Dk, about 2 T H Dk).
-  cmp (reference): one chunk of C queries x HQ x Tc float32 scores, about 5 live copies
+  cmp (reference): one chunk of C queries x HQ x Tc float32 scores, about 6 live copies
     (scores, masked, exp, probabilities, the einsum's operand), C = min(T, 2^24 / (HQ Tc)).
-  select (reference): the importance scores T x H x Ns float32 (the only T^2 term: Ns grows with T)
-    and the stable sort of top-n over them: about 30 bytes per (t, h, block) element
-    (scores, two ranked copies, sorted values 4 + indices 8, masks).
+  importance (reference): the scores T x H x Ns float32 (the only T^2 term: Ns grows with T), built
+    chunk by chunk (C queries x HQ x max(Tc, Ns), 5 live copies) and concatenated (2 copies).
+  select (reference): the stable sort of top-n over those scores: about 30 bytes per (t, h, block)
+    element (scores, two ranked copies, sorted values 4 + indices 8, masks).
   slc (reference): one chunk of gathered keys/values (about 2^21 elements), their scores and ids.
-  win (reference): one chunk of w queries x HQ x (2w) keys float32, about 5 live copies.
+  win (reference): one chunk of w queries x HQ x (2w) keys float32, about 6 live copies.
   The Triton kernels hold no chunk and no T x Ns matrix: only their outputs.
   mlp: gate, up, silu(gate) and their product, 4 x T F a.
   head: the final RMSNorm and the logits T x V in the model dtype and in float32.
@@ -71,7 +72,7 @@ ANALYSIS_ROWS_ELEMENTS = 1 << 26
 # Bytes per (query, KV head, selection block) element while top-n sorts the importance scores.
 _TOPN_BYTES_PER_ELEMENT = 30
 # Live float32 copies of one chunk of attention scores inside the reference's masked softmax.
-_SOFTMAX_COPIES = 5
+_SOFTMAX_COPIES = 6
 
 # Measured ratio of what the process really takes to what tensors allocate (docs/reliability.md).
 ALLOCATOR_OVERHEAD = {"cpu": 1.5, "cuda": 1.2}
@@ -80,8 +81,7 @@ RESERVE_BYTES = {"cpu": 512 << 20, "cuda": 1 << 30}
 
 BACKENDS = ("reference", "triton")
 
-# Working memory of each on-demand analysis of nsa_core.analysis, in float32 elements, as a function
-# of (config, T): its chunk of scores (a few live copies) and its output.
+# The on-demand analyses of nsa_core.analysis whose working memory `estimate_memory` can add.
 ANALYSES = ("query_detail", "dense_map", "recall", "oracle")
 
 
@@ -377,15 +377,17 @@ def _attention_stages(s: _Sizes, base: list[MemoryTerm], inputs: MemoryTerm, *, 
     scores = T * H * s.Ns
     return {
         "forward/cmp": base + [inputs, out_built,
-                               _term("cmp score chunk", "5 C HQ Tc 4", _SOFTMAX_COPIES * chunk_cmp)],
+                               _term("cmp score chunk", "6 C HQ Tc 4", _SOFTMAX_COPIES * chunk_cmp)],
+        "forward/importance": base + [inputs] + cmp_done + [
+            _term("importance chunk", "5 C HQ max(Tc, Ns) 4", 5 * chunk_sel),
+            _term("T x Ns scores being built", "2 T H Ns 4", 2 * 4 * scores)],
         "forward/select": base + [inputs] + cmp_done + [
-            _term("importance chunk", "4 C HQ max(Tc, Ns) 4", 4 * chunk_sel),
             _term("top-n over T x Ns scores", "30 T H Ns", _TOPN_BYTES_PER_ELEMENT * scores)],
         "forward/slc": base + [inputs] + sel_done + [out_built,
                                                      _term("gathered blocks chunk",
                                                            "C H n l' (4 (Dk+Dv) + 16 G + 10)", chunk_slc)],
         "forward/win": base + [inputs] + slc_done + [out_built,
-                                                     _term("window score chunk", "5 C HQ (C+w) 4",
+                                                     _term("window score chunk", "6 C HQ (C+w) 4",
                                                            _SOFTMAX_COPIES * chunk_win)],
         "forward/gate": gated,
     }
