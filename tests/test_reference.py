@@ -1,8 +1,8 @@
 """Each branch of the reference against the float64 brute force, plus empty rows, q_start and causality.
 
-Shapes stay tiny (Dk=8, Dv=6, one or two KV heads) so that T=2049 with G=16 runs in well under a second.
-The reference runs in float64 here, so agreement is to rounding (1e-10); one float32 case checks the
-cast path at float32 tolerance.
+Shapes stay tiny (Dk=8, Dv=6, one or two KV heads) so that T=2049 with G=16 stays cheap. The T x G grid
+runs the reference in float32, its everyday precision, and checks it at 1e-5 (a one-token masking error
+moves outputs by about 1e-3); the full-layer tests run it in float64 and check it at 1e-10.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ def block_idx_from_sets(sets, shape):
 
 def brute_selection(x, q_pos, hp=PAPER):
     """Block sets chosen by the brute force for x's queries."""
-    B, TQ, _, _ = x["q"].shape
     num_slc = int(q_pos.max()) // hp["slc_block"] + 1
     scores = bf.importance(x["q"], x["k_cmp"], q_pos, cmp_block=hp["cmp_block"], cmp_stride=hp["cmp_stride"],
                            slc_block=hp["slc_block"], num_slc=num_slc, scale=DK**-0.5)
