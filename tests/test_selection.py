@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nsa_core import masks, reference
 from tests import brute_force as bf
@@ -265,3 +267,25 @@ def test_a_planted_needle_is_selected_and_dominates_the_selected_branch():
     o = reference.selected_attention(x["q"][:, -1:], x["k"], x["v"], block_idx[:, -1:], slc_block=64,
                                      q_start=T - 1)
     torch.testing.assert_close(o[0, 0], x["v"][0, needle].repeat_interleave(2, 0), rtol=0, atol=1e-3)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(data=st.data(), slc_block=st.sampled_from([1, 4, 16]), top_n=st.integers(1, 6),
+       init_blocks=st.integers(0, 2), local_blocks=st.integers(0, 3))
+def test_top_n_equals_brute_force_on_random_scores_with_ties(data, slc_block, top_n, init_blocks, local_blocks):
+    """Small integer scores make ties common; ties go to the lower id in both, so the sets match exactly."""
+    if init_blocks + local_blocks > top_n:
+        top_n = init_blocks + local_blocks  # the config refuses fewer slots than forced blocks
+    positions = data.draw(st.lists(st.integers(0, 8 * slc_block - 1), min_size=1, max_size=6))
+    pos = torch.tensor([positions])
+    num_slc = max(positions) // slc_block + 1
+    scores = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=len(positions) * num_slc,
+                                             max_size=len(positions) * num_slc)), dtype=torch.float32)
+    scores = scores.reshape(1, len(positions), 1, num_slc)
+    block_idx = reference.top_n_blocks(scores, pos, slc_block=slc_block, top_n=top_n, init_blocks=init_blocks,
+                                       local_blocks=local_blocks)
+    expected = bf.top_n(scores.double(), pos, slc_block=slc_block, top_n=top_n, init_blocks=init_blocks,
+                        local_blocks=local_blocks)
+    assert [{j for j in row if j >= 0} for row in block_idx.reshape(-1, top_n).tolist()] == expected
+    assert selection_problems(block_idx, scores.double(), pos, slc_block=slc_block, top_n=top_n,
+                              init_blocks=init_blocks, local_blocks=local_blocks, eps=0.0) == []
