@@ -24,7 +24,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from nsa_core import analysis, checkpoint, niah, safe_paths, sample_models, tokenizer
+from nsa_core import analysis, checkpoint, limits, niah, safe_paths, sample_models, tokenizer
 from nsa_core.model import NSALM, AttentionInputs
 from nsa_core.trace import ModelTrace
 
@@ -55,7 +55,9 @@ def choose_device(requested: str, *, cuda_available: bool | None = None) -> Devi
         name = torch.cuda.get_device_name(0) if cuda_available is None else "CUDA GPU"
         return DeviceChoice("cuda", "bfloat16", f"a CUDA GPU is available ({name})")
     if requested == "cuda":
-        return DeviceChoice("cpu", "float32", "the GPU was requested but PyTorch sees no CUDA device; running on the CPU")
+        return DeviceChoice(
+            "cpu", "float32", "the GPU was requested but PyTorch sees no CUDA device; running on the CPU"
+        )
     return DeviceChoice("cpu", "float32", "PyTorch sees no CUDA GPU on this machine, so the app runs on the CPU")
 
 
@@ -70,11 +72,11 @@ class LoadedModel:
 
 def source_label(source: str) -> str:
     if source.startswith(SAMPLE):
-        return source[len(SAMPLE):]
+        return source[len(SAMPLE) :]
     if source.startswith(PATH):
-        return Path(source[len(PATH):]).name
+        return Path(source[len(PATH) :]).name
     if source.startswith(UPLOAD):
-        return f"upload {source[len(UPLOAD):][:10]}"
+        return f"upload {source[len(UPLOAD) :][:10]}"
     return source
 
 
@@ -82,13 +84,13 @@ def source_path(source: str) -> Path:
     """The checkpoint path a source names; SourceError when it names nothing the app may open."""
     if source.startswith(SAMPLE):
         try:
-            return sample_models.sample_model(source[len(SAMPLE):])
+            return sample_models.sample_model(source[len(SAMPLE) :])
         except FileNotFoundError as err:
             raise SourceError(str(err)) from None
     if source.startswith(PATH):
-        return checked_path(source[len(PATH):])
+        return checked_path(source[len(PATH) :])
     if source.startswith(UPLOAD):
-        digest = source[len(UPLOAD):]
+        digest = source[len(UPLOAD) :]
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise SourceError(f"not an upload id: {digest!r}")
         return UPLOAD_DIR / f"{digest}.safetensors"
@@ -137,8 +139,12 @@ def dense_twin(config) -> str | None:
     """The shipped dense-attention checkpoint of the same size as an NSA config, or None."""
     for name in sample_names():
         c = checkpoint.read_config(sample_models.sample_model(name))
-        if c.attention == "dense" and (c.d_model, c.n_layer, c.n_head, c.n_kv_head) == \
-                (config.d_model, config.n_layer, config.n_head, config.n_kv_head):
+        if c.attention == "dense" and (c.d_model, c.n_layer, c.n_head, c.n_kv_head) == (
+            config.d_model,
+            config.n_layer,
+            config.n_head,
+            config.n_kv_head,
+        ):
             return name
     return None
 
@@ -191,8 +197,13 @@ def load_model(source: str, device: str, dtype: str) -> LoadedModel:
     backend = "auto" if device == "cuda" else "reference"
     model.backend = backend
     _, reason = model.ops()
-    return LoadedModel(model=model, source=source, label=source_label(source), backend_reason=reason,
-                       load_seconds=time.perf_counter() - start)
+    return LoadedModel(
+        model=model,
+        source=source,
+        label=source_label(source),
+        backend_reason=reason,
+        load_seconds=time.perf_counter() - start,
+    )
 
 
 @dataclass(frozen=True)
@@ -212,7 +223,11 @@ def trace_ids(source: str, device: str, dtype: str, ids: tuple[int, ...]) -> Tra
     """Run the model over the token ids with the trace on (cached per model and input)."""
     loaded = load_model(source, device, dtype)
     start = time.perf_counter()
-    with torch.inference_mode():
+    # Refused up front when this length (with the analyses the pages run on it) cannot fit in free memory.
+    with (
+        limits.model_run(loaded.model, len(ids), f"tracing {len(ids):,} tokens", trace=True, analyses=limits.ANALYSES),
+        torch.inference_mode(),
+    ):
         _, trace = loaded.model(torch.tensor([ids], device=loaded.model.device), trace=True)
     return TraceRun(trace=trace, seconds=time.perf_counter() - start)
 
@@ -239,50 +254,80 @@ def trace_npz(source: str, device: str, dtype: str, ids: tuple[int, ...]) -> byt
 def layer_inputs(source: str, device: str, dtype: str, ids: tuple[int, ...], layer: int) -> AttentionInputs:
     """One layer's projections of ids, shared read-only by the analyses of that layer (on the model's device)."""
     loaded = load_model(source, device, dtype)
-    with torch.inference_mode():
+    with limits.oom_guard(f"projecting layer {layer}", device=loaded.model.device), torch.inference_mode():
         return analysis.layer_inputs(loaded.model, _ids_tensor(loaded, ids), layer)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def selection_map(source: str, device: str, dtype: str, ids: tuple[int, ...], layer: int, kv_head: int,
-                  region: tuple[int, int, int, int] | None, grid: int) -> analysis.PooledMap:
+def selection_map(
+    source: str,
+    device: str,
+    dtype: str,
+    ids: tuple[int, ...],
+    layer: int,
+    kv_head: int,
+    region: tuple[int, int, int, int] | None,
+    grid: int,
+) -> analysis.PooledMap:
     """How often each key block was chosen per query bin (layer, KV head), in at most grid x grid cells."""
     trace = trace_ids(source, device, dtype, ids).trace
     return analysis.pooled_selection_map(trace, layer=layer, kv_head=kv_head, grid=grid, region=region)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def dense_map(source: str, device: str, dtype: str, ids: tuple[int, ...], layer: int, head: int,
-              region: tuple[int, int, int, int] | None, grid: int) -> analysis.PooledMap:
+def dense_map(
+    source: str,
+    device: str,
+    dtype: str,
+    ids: tuple[int, ...],
+    layer: int,
+    head: int,
+    region: tuple[int, int, int, int] | None,
+    grid: int,
+) -> analysis.PooledMap:
     """Dense attention mass of one query head in at most grid x grid cells, with the part NSA covered."""
     loaded = load_model(source, device, dtype)
     trace = trace_ids(source, device, dtype, ids).trace
     inputs = layer_inputs(source, device, dtype, ids, layer)
-    with torch.inference_mode():
-        return analysis.pooled_dense_map(loaded.model, _ids_tensor(loaded, ids), layer=layer, head=head, grid=grid,
-                                         region=region, trace=trace, inputs=inputs)
+    with (
+        limits.oom_guard(f"pooling the dense map of layer {layer}", device=loaded.model.device),
+        torch.inference_mode(),
+    ):
+        return analysis.pooled_dense_map(
+            loaded.model,
+            _ids_tensor(loaded, ids),
+            layer=layer,
+            head=head,
+            grid=grid,
+            region=region,
+            trace=trace,
+            inputs=inputs,
+        )
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def layer_recall(source: str, device: str, dtype: str, ids: tuple[int, ...], layer: int) -> tuple[np.ndarray, np.ndarray]:
+def layer_recall(
+    source: str, device: str, dtype: str, ids: tuple[int, ...], layer: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(dense-mass recall [T, HQ], overlap with the oracle top-n [T, H]) of one layer."""
     loaded = load_model(source, device, dtype)
     trace = trace_ids(source, device, dtype, ids).trace
     inputs = layer_inputs(source, device, dtype, ids, layer)
     ids_t = _ids_tensor(loaded, ids)
-    with torch.inference_mode():
+    with limits.oom_guard(f"computing the recall of layer {layer}", device=loaded.model.device), torch.inference_mode():
         recall = analysis.dense_recall(loaded.model, ids_t, trace, layer=layer, inputs=inputs)
         oracle = analysis.oracle_overlap(loaded.model, ids_t, trace, layer=layer, inputs=inputs)
     return recall, oracle
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def query_detail(source: str, device: str, dtype: str, ids: tuple[int, ...], layer: int,
-                 query: int) -> analysis.QueryDetail:
+def query_detail(
+    source: str, device: str, dtype: str, ids: tuple[int, ...], layer: int, query: int
+) -> analysis.QueryDetail:
     """Everything one query of one layer saw, for every head."""
     loaded = load_model(source, device, dtype)
     inputs = layer_inputs(source, device, dtype, ids, layer)
-    with torch.inference_mode():
+    with limits.oom_guard(f"inspecting query {query}", device=loaded.model.device), torch.inference_mode():
         return analysis.query_detail(loaded.model, _ids_tensor(loaded, ids), layer=layer, query=query, inputs=inputs)
 
 
@@ -296,8 +341,9 @@ def find_phrase(ids: tuple[int, ...], phrase: str) -> tuple[int, int] | None:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def gate_stats(source: str, device: str, dtype: str, ids: tuple[int, ...], layer: int,
-               token_range: tuple[int, int] | None) -> analysis.GateStats:
+def gate_stats(
+    source: str, device: str, dtype: str, ids: tuple[int, ...], layer: int, token_range: tuple[int, int] | None
+) -> analysis.GateStats:
     trace = trace_ids(source, device, dtype, ids).trace
     return analysis.gate_stats(trace, layer=layer, token_range=token_range)
 
@@ -306,15 +352,18 @@ def gate_stats(source: str, device: str, dtype: str, ids: tuple[int, ...], layer
 def generate_answer(source: str, device: str, dtype: str, ids: tuple[int, ...], max_new_tokens: int) -> list[int]:
     """Greedy continuation of ids (stops at <eos>), cached per model and prompt."""
     loaded = load_model(source, device, dtype)
-    with torch.inference_mode():
-        out = loaded.model.generate(_ids_tensor(loaded, ids), max_new_tokens=max_new_tokens,
-                                    stop_token=tokenizer.EOS)
+    with (
+        limits.model_run(loaded.model, len(ids) + max_new_tokens, f"generating after {len(ids):,} tokens"),
+        torch.inference_mode(),
+    ):
+        out = loaded.model.generate(_ids_tensor(loaded, ids), max_new_tokens=max_new_tokens, stop_token=tokenizer.EOS)
     return out[0].tolist()
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def needle_selection(source: str, device: str, dtype: str, ids: tuple[int, ...],
-                     needle_span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def needle_selection(
+    source: str, device: str, dtype: str, ids: tuple[int, ...], needle_span: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """At the last query (where the answer starts), per layer and KV head: was a block holding the needle
     chosen (hit [L, H] bool), and the best rank of such a block by importance (rank [L, H], 0 = first)."""
     trace = trace_ids(source, device, dtype, ids).trace

@@ -39,9 +39,16 @@ def input_panel(limit: int) -> ModelInput:
             # The URL or another page may have set it; keep it inside this device's range.
             wanted = st.session_state.get("max_tokens", min(1024, limit))
             st.session_state["max_tokens"] = min(max(int(wanted), MIN_TOKENS), limit)
-            max_tokens = int(st.number_input("Max tokens", min_value=MIN_TOKENS, max_value=limit, step=256,
-                                             key="max_tokens",
-                                             help=f"Longer inputs are cut. Limit on this device: {limit} tokens."))
+            max_tokens = int(
+                st.number_input(
+                    "Max tokens",
+                    min_value=MIN_TOKENS,
+                    max_value=limit,
+                    step=256,
+                    key="max_tokens",
+                    help=f"Longer inputs are cut. Limit on this device: {limit} tokens.",
+                )
+            )
         choice = _read(kind, max_tokens)
         if choice.note:
             st.caption(choice.note)
@@ -65,8 +72,12 @@ def _read(kind: str, max_tokens: int) -> ModelInput:
         key = data.random_key(np.random.default_rng(seed))
         prompt = niah.build_prompt(cache.heldout_haystack(), length=length, depth=depth, key=key, offset=seed * 7919)
         span = (prompt.needle_at, prompt.needle_at + len(data.NEEDLE.format(key=key)) - 1)
-        return ModelInput(tuple(prompt.ids), span, f"Hidden pass key **{key}** at tokens {span[0]}–{span[1]}; the "
-                          "prompt ends with the question, so the last query is where the model must recall it.")
+        return ModelInput(
+            tuple(prompt.ids),
+            span,
+            f"Hidden pass key **{key}** at tokens {span[0]}–{span[1]}; the "
+            "prompt ends with the question, so the last query is where the model must recall it.",
+        )
     if kind == "Paste":
         pasted = st.text_area("Text", key="text_paste", height=160, placeholder="Paste any text…")
         ids, cut = cache.encode_text(pasted, max_tokens)

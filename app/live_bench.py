@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 
 import torch
@@ -48,28 +49,43 @@ def _median_ms(fn: Callable[[], object], *, device: torch.device, repeats: int, 
 
 
 @torch.inference_mode()
-def run(ops: ModuleType, config: NSAConfig, lengths: list[int], *, device: torch.device | str, dtype: torch.dtype,
-        repeats: int = 5, warmup: int = 2, seed: int = 0,
-        progress: Callable[[int, int], None] | None = None) -> list[BenchRow]:
+def run(
+    ops: ModuleType,
+    config: NSAConfig,
+    lengths: list[int],
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    repeats: int = 5,
+    warmup: int = 2,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[BenchRow]:
     """Time one NSA attention call (ops.nsa_attention) and one dense causal call per length."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     HQ, H, Dk, Dv = config.n_head, config.n_kv_head, config.head_dim, config.v_head_dim
     rows = []
-    for i, T in enumerate(lengths):
-        def rand(*shape):
-            return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+    for i, T in enumerate(lengths):
         q, k, v = rand(1, T, HQ, Dk), rand(1, T, H, Dk), rand(1, T, H, Dv)
         Tc = masks.num_compressed(T, config.cmp_block, config.cmp_stride)
         k_cmp, v_cmp = rand(1, Tc, H, Dk), rand(1, Tc, H, Dv)
         gates = torch.sigmoid(rand(1, T, HQ, 3))
-        nsa_ms = _median_ms(lambda: ops.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=config),  # noqa: B023
-                            device=device, repeats=repeats, warmup=warmup)
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        dense_ms = _median_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True,  # noqa: B023
-                                                                     enable_gqa=True),
-                              device=device, repeats=repeats, warmup=warmup)
+        nsa = partial(ops.nsa_attention, q, k, v, k_cmp, v_cmp, gates, config=config)
+        dense = partial(
+            F.scaled_dot_product_attention,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=True,
+        )
+        nsa_ms = _median_ms(nsa, device=device, repeats=repeats, warmup=warmup)
+        dense_ms = _median_ms(dense, device=device, repeats=repeats, warmup=warmup)
         rows.append(BenchRow(T, nsa_ms, dense_ms))
         if progress is not None:
             progress(i + 1, len(lengths))

@@ -11,6 +11,7 @@ import os
 
 import streamlit as st
 
+from nsa_core import limits
 from nsa_core.launch import ENV_CHECKPOINT, ENV_DEVICE
 
 from . import cache
@@ -37,7 +38,13 @@ def device_choice() -> cache.DeviceChoice:
 
 
 def token_limit() -> int:
-    return GPU_TOKEN_LIMIT if device_choice().device == "cuda" else CPU_TOKEN_LIMIT
+    """The longest input a page offers: the fixed cap, lowered to what the device's free memory can trace."""
+    cap = GPU_TOKEN_LIMIT if device_choice().device == "cuda" else CPU_TOKEN_LIMIT
+    loaded = st.session_state.get(_THIS_RUN)
+    if loaded is None:
+        return cap
+    fits = limits.model_max_context(loaded.model, trace=True, analyses=limits.ANALYSES)
+    return min(cap, max(64, fits))  # 64: the input panel's minimum; a longer input is then refused with numbers
 
 
 def open_model() -> cache.LoadedModel | None:
@@ -97,11 +104,18 @@ def run_panel(loaded: cache.LoadedModel | None) -> None:
             st.warning("No model loaded. Pick one on the **Model** page.")
             return
         c = loaded.model.config
-        st.markdown(f"**Model** `{loaded.label}`  \n{c.n_layer} layers · {c.n_head} query heads · "
-                    f"{c.n_kv_head} KV heads · {loaded.model.num_parameters() / 1e6:.2f} M parameters")
-        badge = ":green-badge[GPU · Triton]" if "Triton" in loaded.backend_reason else (
-            ":orange-badge[GPU · reference]" if choice.device == "cuda" else ":blue-badge[CPU · reference]")
+        st.markdown(
+            f"**Model** `{loaded.label}`  \n{c.n_layer} layers · {c.n_head} query heads · "
+            f"{c.n_kv_head} KV heads · {loaded.model.num_parameters() / 1e6:.2f} M parameters"
+        )
+        badge = (
+            ":green-badge[GPU · Triton]"
+            if "Triton" in loaded.backend_reason
+            else (":orange-badge[GPU · reference]" if choice.device == "cuda" else ":blue-badge[CPU · reference]")
+        )
         st.markdown(f"**Runs on** {badge}")
         st.caption(f"Device: {choice.reason}. Attention: {loaded.backend_reason}.")
-        st.caption(f"NSA: l={c.cmp_block}, d={c.cmp_stride}, l'={c.slc_block}, n={c.top_n}, w={c.window} · "
-                   f"loaded in {loaded.load_seconds:.2f} s")
+        st.caption(
+            f"NSA: l={c.cmp_block}, d={c.cmp_stride}, l'={c.slc_block}, n={c.top_n}, w={c.window} · "
+            f"loaded in {loaded.load_seconds:.2f} s"
+        )

@@ -52,6 +52,7 @@ class Zoom:
     def from_box(cls, x_range, y_range, *, length: int) -> Zoom:
         """The token region of a box selection (x = keys, y = queries, in plot coordinates), clipped to
         the sequence; a box thinner than one token on either side widens to one token."""
+
         def span(lo_hi):
             lo, hi = sorted(float(v) for v in lo_hi)
             a = min(max(int(round(lo + 0.5)), 0), length - 1)
@@ -90,8 +91,16 @@ def _tokens(text: str) -> int:
     return value
 
 
-_PARSERS = {"ckpt": _checkpoint, "tokens": _tokens, "layer": _nonnegative_int, "head": _nonnegative_int, "query": _nonnegative_int,
-            "zoom": Zoom.from_param, "len": _nonnegative_int, "depth": _depth}
+_PARSERS = {
+    "ckpt": _checkpoint,
+    "tokens": _tokens,
+    "layer": _nonnegative_int,
+    "head": _nonnegative_int,
+    "query": _nonnegative_int,
+    "zoom": Zoom.from_param,
+    "len": _nonnegative_int,
+    "depth": _depth,
+}
 
 
 def parse_params(params: Mapping[str, str]) -> tuple[dict, list[str]]:

@@ -18,6 +18,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from app import inputs, session, state  # noqa: E402
+from nsa_core import limits  # noqa: E402
 
 st.set_page_config(page_title="NSA Explorer", page_icon=":material/grain:", layout="wide")
 state.load_url_once()
@@ -34,4 +35,8 @@ page = st.navigation(PAGES, position="top")
 for note in state.url_notes():
     st.toast(note, icon=":material/link_off:")
 session.run_panel(session.open_model())
-page.run()
+try:
+    page.run()
+except (limits.ContextTooLong, limits.DeviceOutOfMemory) as err:
+    # Too long for this device, or out of memory anyway (memory already released): say so, keep serving.
+    st.error(str(err), icon=":material/memory:")

@@ -5,8 +5,16 @@ from __future__ import annotations
 from nsa_core import data
 
 # Well-known standard-library modules of a few thousand to tens of thousands of bytes.
-SOURCE_FILES = ("textwrap.py", "heapq.py", "bisect.py", "json/decoder.py", "functools.py", "argparse.py",
-                "difflib.py", "collections/__init__.py")
+SOURCE_FILES = (
+    "textwrap.py",
+    "heapq.py",
+    "bisect.py",
+    "json/decoder.py",
+    "functools.py",
+    "argparse.py",
+    "difflib.py",
+    "collections/__init__.py",
+)
 MAX_FILE_BYTES = 4 << 20
 
 

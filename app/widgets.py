@@ -17,10 +17,11 @@ CHART_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "svg", 
 def chart(fig: go.Figure, *, key: str, name: str, selectable: bool = False, box: bool = False):
     """Show a figure with its export menu; returns the selection event (a dict) when selectable."""
     # theme=None: the figure's own colours, identical on screen and in every export.
-    kwargs = dict(key=key, theme=None, config=CHART_CONFIG, width="stretch")
+    kwargs = {"key": key, "theme": None, "config": CHART_CONFIG, "width": "stretch"}
     if selectable:
-        event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "box") if box else ("points",),
-                                **kwargs)
+        event = st.plotly_chart(
+            fig, on_select="rerun", selection_mode=("points", "box") if box else ("points",), **kwargs
+        )
     else:
         event = None
         st.plotly_chart(fig, **kwargs)
@@ -31,12 +32,30 @@ def chart(fig: go.Figure, *, key: str, name: str, selectable: bool = False, box:
 def export_menu(fig: go.Figure, *, name: str, key: str) -> None:
     """PNG, SVG and self-contained HTML downloads; images render only when asked for."""
     with st.popover("Export", icon=":material/download:"):
-        st.download_button("PNG", data=_deferred(export.figure_image, fig, "png"), file_name=f"{name}.png",
-                           mime="image/png", key=f"{key}-png", on_click="ignore")
-        st.download_button("SVG", data=_deferred(export.figure_image, fig, "svg"), file_name=f"{name}.svg",
-                           mime="image/svg+xml", key=f"{key}-svg", on_click="ignore")
-        st.download_button("HTML (works offline)", data=_deferred(export.figure_html, fig), file_name=f"{name}.html",
-                           mime="text/html", key=f"{key}-html", on_click="ignore")
+        st.download_button(
+            "PNG",
+            data=_deferred(export.figure_image, fig, "png"),
+            file_name=f"{name}.png",
+            mime="image/png",
+            key=f"{key}-png",
+            on_click="ignore",
+        )
+        st.download_button(
+            "SVG",
+            data=_deferred(export.figure_image, fig, "svg"),
+            file_name=f"{name}.svg",
+            mime="image/svg+xml",
+            key=f"{key}-svg",
+            on_click="ignore",
+        )
+        st.download_button(
+            "HTML (works offline)",
+            data=_deferred(export.figure_html, fig),
+            file_name=f"{name}.html",
+            mime="text/html",
+            key=f"{key}-html",
+            on_click="ignore",
+        )
 
 
 def _deferred(fn: Callable, *args) -> Callable[[], bytes]:
@@ -44,8 +63,15 @@ def _deferred(fn: Callable, *args) -> Callable[[], bytes]:
 
 
 def download_json(label: str, payload: dict, *, file_name: str, key: str) -> None:
-    st.download_button(label, data=json.dumps(payload, indent=1).encode(), file_name=file_name,
-                       mime="application/json", key=key, on_click="ignore", icon=":material/data_object:")
+    st.download_button(
+        label,
+        data=json.dumps(payload, indent=1).encode(),
+        file_name=file_name,
+        mime="application/json",
+        key=key,
+        on_click="ignore",
+        icon=":material/data_object:",
+    )
 
 
 def selected_points(event) -> list[dict]:

@@ -25,11 +25,19 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nsa-explorer app", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("checkpoint", nargs="?", default=None,
-                        help="checkpoint to open: a shipped sample name (e.g. nsa-tiny), a directory or a "
-                             ".safetensors file (default: the best shipped NSA model)")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto: the GPU with the Triton kernels when there is one, else the CPU")
+    parser.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=None,
+        help="checkpoint to open: a shipped sample name (e.g. nsa-tiny), a directory or a "
+        ".safetensors file (default: the best shipped NSA model)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto: the GPU with the Triton kernels when there is one, else the CPU",
+    )
     parser.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
     parser.add_argument("--address", default="localhost", help="address to bind (default localhost)")
     parser.add_argument("--headless", action="store_true", help="do not open a browser window")
@@ -40,10 +48,20 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
     """The `streamlit run` command line for the parsed arguments."""
     if not 0 < args.port < 65536:
         raise SystemExit(f"nsa-explorer app: --port must be in 1..65535, got {args.port}")
-    return [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT),
-            f"--server.port={args.port}", f"--server.address={args.address}",
-            f"--server.headless={'true' if args.headless else 'false'}",
-            "--browser.gatherUsageStats=false", "--server.fileWatcherType=none"]
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_SCRIPT),
+        f"--server.port={args.port}",
+        f"--server.address={args.address}",
+        f"--server.headless={'true' if args.headless else 'false'}",
+        "--browser.gatherUsageStats=false",
+        "--server.fileWatcherType=none",
+        # A research tool, not a deployment target: the toolbar offers only what a viewer needs.
+        "--client.toolbarMode=viewer",
+    ]
 
 
 def app_environment(args: argparse.Namespace) -> dict[str, str]:

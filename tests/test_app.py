@@ -54,9 +54,13 @@ def test_every_page_renders_on_the_cpu_with_the_shipped_model(at):
     sidebar = " ".join(m.value for m in at.sidebar.markdown)
     assert cache.default_sample() in sidebar and "CPU" in sidebar
     assert {"atlas", "selmap", "importance", "pcmp", "gatebars", "denserow"} <= {c.key for c in at.get("plotly_chart")}
-    for page, title in (("views/model.py", "Model"), ("views/gates.py", "Gates"),
-                        ("views/needle.py", "Needle in a haystack"), ("views/performance.py", "Performance"),
-                        ("views/explorer.py", "Explorer")):
+    for page, title in (
+        ("views/model.py", "Model"),
+        ("views/gates.py", "Gates"),
+        ("views/needle.py", "Needle in a haystack"),
+        ("views/performance.py", "Performance"),
+        ("views/explorer.py", "Explorer"),
+    ):
         at.switch_page(page).run()
         assert not _errors(at), page
         assert at.title[0].value == title
@@ -116,8 +120,15 @@ def test_widget_flow_changes_the_input(at):
 def test_a_permalink_restores_the_view(monkeypatch):
     monkeypatch.setenv(launch.ENV_DEVICE, "cpu")
     app = AppTest.from_file(APP, default_timeout=120)
-    for key, value in {"tokens": "80", "layer": "1", "head": "6", "query": "33", "ckpt": "sample:nsa-random",
-                       "zoom": "0,64,0,64", "head_bogus": "1"}.items():
+    for key, value in {
+        "tokens": "80",
+        "layer": "1",
+        "head": "6",
+        "query": "33",
+        "ckpt": "sample:nsa-random",
+        "zoom": "0,64,0,64",
+        "head_bogus": "1",
+    }.items():
         app.query_params[key] = value
     app.run()
     assert not _errors(app)
@@ -139,23 +150,38 @@ def test_a_url_naming_a_path_outside_the_roots_is_refused_and_the_default_opens(
 
 
 def _tiny_checkpoint_bytes(tmp_path: Path) -> bytes:
-    config = NSAConfig(d_model=32, n_layer=1, n_head=2, n_kv_head=1, head_dim=16, v_head_dim=16, mlp_hidden=64,
-                       cmp_block=16, cmp_stride=8, slc_block=16, top_n=4, window=32, cmp_mlp_hidden=16)
+    config = NSAConfig(
+        d_model=32,
+        n_layer=1,
+        n_head=2,
+        n_kv_head=1,
+        head_dim=16,
+        v_head_dim=16,
+        mlp_hidden=64,
+        cmp_block=16,
+        cmp_stride=8,
+        slc_block=16,
+        top_n=4,
+        window=32,
+        cmp_mlp_hidden=16,
+    )
     path = checkpoint.save_single_file(NSALM(config), tmp_path / "tiny.safetensors")
     return path.read_bytes()
 
 
 def test_an_uploaded_checkpoint_opens_and_a_bad_upload_leaves_the_app_running(at, tmp_path):
     at.switch_page("views/model.py").run()
-    at.file_uploader(key="upload_pick").set_value(("tiny.safetensors", _tiny_checkpoint_bytes(tmp_path),
-                                                    "application/octet-stream")).run()
+    at.file_uploader(key="upload_pick").set_value(
+        ("tiny.safetensors", _tiny_checkpoint_bytes(tmp_path), "application/octet-stream")
+    ).run()
     assert not _errors(at)
     assert at.session_state["ckpt"].startswith(cache.UPLOAD)
     assert "1 layers · 2 query heads" in " ".join(m.value for m in at.sidebar.markdown)
     good = at.session_state["ckpt"]
 
-    at.file_uploader(key="upload_pick").set_value(("bad.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{not json",
-                                                    "application/octet-stream")).run()
+    at.file_uploader(key="upload_pick").set_value(
+        ("bad.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{not json", "application/octet-stream")
+    ).run()
     assert not at.exception
     assert any("Could not open checkpoint" in e.value for e in at.error)
     assert at.session_state["ckpt"] == good  # still on the model that worked
@@ -213,11 +239,13 @@ def test_the_gates_page_looks_near_a_phrase(at):
 
 # Plain functions behind the pages ----------------------------------------------------------------
 
+
 def test_device_choice_says_why():
     assert cache.choose_device("auto", cuda_available=False).device == "cpu"
     assert "no CUDA" in cache.choose_device("auto", cuda_available=False).reason
-    assert cache.choose_device("auto", cuda_available=True) == cache.DeviceChoice("cuda", "bfloat16",
-                                                                                  "a CUDA GPU is available (CUDA GPU)")
+    assert cache.choose_device("auto", cuda_available=True) == cache.DeviceChoice(
+        "cuda", "bfloat16", "a CUDA GPU is available (CUDA GPU)"
+    )
     assert "requested" in cache.choose_device("cuda", cuda_available=False).reason
     with pytest.raises(ValueError):
         cache.choose_device("tpu")
@@ -237,11 +265,32 @@ def test_launcher_builds_the_streamlit_command_and_environment(tmp_path):
 
 
 def test_live_benchmark_times_both_sides_on_the_cpu_reference():
-    config = NSAConfig(d_model=32, n_layer=1, n_head=2, n_kv_head=1, head_dim=16, v_head_dim=16, mlp_hidden=64,
-                       cmp_block=16, cmp_stride=8, slc_block=16, top_n=4, window=32, cmp_mlp_hidden=16)
+    config = NSAConfig(
+        d_model=32,
+        n_layer=1,
+        n_head=2,
+        n_kv_head=1,
+        head_dim=16,
+        v_head_dim=16,
+        mlp_hidden=64,
+        cmp_block=16,
+        cmp_stride=8,
+        slc_block=16,
+        top_n=4,
+        window=32,
+        cmp_mlp_hidden=16,
+    )
     calls = []
-    rows = live_bench.run(reference, config, [64, 96], device="cpu", dtype=torch.float32, repeats=2, warmup=1,
-                          progress=lambda done, total: calls.append((done, total)))
+    rows = live_bench.run(
+        reference,
+        config,
+        [64, 96],
+        device="cpu",
+        dtype=torch.float32,
+        repeats=2,
+        warmup=1,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert [r.length for r in rows] == [64, 96] and calls == [(1, 2), (2, 2)]
     assert all(r.nsa_ms > 0 and r.dense_ms > 0 and np.isfinite(r.speedup) for r in rows)
 

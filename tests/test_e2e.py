@@ -43,9 +43,25 @@ def _free_port() -> int:
 def server():
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "nsa_core.cli", "app", "--port", str(port), "--address",
-                             "127.0.0.1", "--headless", "--device", "cpu"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nsa_core.cli",
+            "app",
+            "--port",
+            str(port),
+            "--address",
+            "127.0.0.1",
+            "--headless",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -68,9 +84,18 @@ def server():
 @pytest.fixture(scope="module")
 def browser():
     with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         yield b
         b.close()
 
@@ -110,8 +135,13 @@ def test_open_the_app_and_visit_every_page(server, page):
     atlas = _chart(page, 0)
     _shot(atlas, "gate-atlas")
     _shot(page.locator("[data-testid='stSidebar']"), "run-panel")
-    for title, heading in (("Model", "Model"), ("Gates", "Gates"), ("Needle", "Needle in a haystack"),
-                           ("Performance", "Performance"), ("Explorer", "Explorer")):
+    for title, heading in (
+        ("Model", "Model"),
+        ("Gates", "Gates"),
+        ("Needle", "Needle in a haystack"),
+        ("Performance", "Performance"),
+        ("Explorer", "Explorer"),
+    ):
         page.get_by_role("link", name=title).first.click()
         _settle(page)
         page.get_by_role("heading", name=heading, exact=True).first.wait_for()
@@ -138,16 +168,20 @@ def test_clicking_a_heatmap_cell_opens_that_query_in_the_inspector(server, page)
         if selection.locator(".hoverlayer .hovertext").count():
             break
     page.mouse.click(x, y)
-    page.wait_for_function("() => document.querySelector('input[aria-label=\"Query position\"]').value !== '"
-                           f"{TOKENS - 1}'")
+    page.wait_for_function(
+        f"() => document.querySelector('input[aria-label=\"Query position\"]').value !== '{TOKENS - 1}'"
+    )
     _settle(page)
     clicked = int(query.input_value())
     assert 0.4 * TOKENS < clicked < 0.7 * TOKENS  # the row under the pointer, not the default last query
     page.get_by_text(re.compile(rf"^Query {clicked} ")).first.wait_for()
     assert f"query={clicked}" in page.url  # the permalink follows the click
     _shot(selection, "selection-map")
-    inspector = page.locator("[data-testid='stVerticalBlock']").filter(
-        has=page.get_by_role("heading", name="Query inspector")).last
+    inspector = (
+        page.locator("[data-testid='stVerticalBlock']")
+        .filter(has=page.get_by_role("heading", name="Query inspector"))
+        .last
+    )
     _shot(inspector, "query-inspector")
 
 

@@ -39,6 +39,7 @@ def _decoded(fig: go.Figure, index: int) -> np.ndarray:
 
 # Gate atlas -------------------------------------------------------------------------------------
 
+
 def test_gate_atlas_has_three_panels_and_a_clickable_overlay_per_panel():
     gates = np.random.default_rng(0).random((4, 8, 3)).astype(np.float32)
     fig = figures.gate_atlas(gates, selected=(2, 5))
@@ -60,6 +61,7 @@ def test_gate_atlas_rejects_a_wrong_shape():
 
 
 # Selection map and NSA against dense ---------------------------------------------------------------
+
 
 def test_selection_map_marks_the_causal_future_as_nan_and_reverses_the_query_axis():
     blocks, size = 6, 64
@@ -149,11 +151,16 @@ def test_niah_grid_keeps_unrun_cells_empty_and_is_clickable():
 def test_needle_selection_shows_layers_top_down():
     fig = figures.needle_selection(np.array([[True, False], [False, True]]), rank=np.array([[0, 7], [3, 1]]))
     assert fig.layout.yaxis.autorange == "reversed"
-    assert list(np.asarray(fig.data[0].text).ravel()) == ["chosen<br>rank 0", "missed<br>rank 7",
-                                                          "missed<br>rank 3", "chosen<br>rank 1"]
+    assert list(np.asarray(fig.data[0].text).ravel()) == [
+        "chosen<br>rank 0",
+        "missed<br>rank 7",
+        "missed<br>rank 3",
+        "chosen<br>rank 1",
+    ]
 
 
 # Payload budget ------------------------------------------------------------------------------------
+
 
 def test_the_largest_clickable_maps_stay_under_two_megabytes():
     cells = 64  # what the Explorer asks the analyses for
@@ -181,10 +188,12 @@ def test_an_overlay_beyond_the_marker_cap_is_refused():
 
 # Snippets --------------------------------------------------------------------------------------------
 
+
 def test_snippets_escape_text_mark_the_query_and_cut_the_own_block_at_the_query():
     ids = list(b"<script>alert(1)</script>" + b"x" * 200)
-    html = snippets.chosen_blocks_html(ids, chosen=[0, 2], forced=[0], slc_block=64, query=130,
-                                       weights=np.full(131, 1 / 131))
+    html = snippets.chosen_blocks_html(
+        ids, chosen=[0, 2], forced=[0], slc_block=64, query=130, weights=np.full(131, 1 / 131)
+    )
     assert "<script>" not in html and "&lt;" in html
     assert 'class="nsa-q"' in html and 'title="token 130"' in html
     assert 'title="token 131"' not in html  # block 2 is read only up to the query
@@ -198,16 +207,33 @@ def test_span_html_rejects_a_span_outside_the_tokens():
 
 # URL view state --------------------------------------------------------------------------------------
 
+
 def test_parse_params_keeps_valid_values_and_explains_what_it_drops():
-    values, notes = parse_params({"ckpt": "sample:nsa-tiny", "layer": "2", "head": "-1", "query": "x",
-                                  "zoom": "0,64,0,64", "depth": "1.5", "tokens": "512"})
+    values, notes = parse_params(
+        {
+            "ckpt": "sample:nsa-tiny",
+            "layer": "2",
+            "head": "-1",
+            "query": "x",
+            "zoom": "0,64,0,64",
+            "depth": "1.5",
+            "tokens": "512",
+        }
+    )
     assert values == {"ckpt": "sample:nsa-tiny", "layer": 2, "zoom": Zoom(0, 64, 0, 64), "tokens": 512}
     assert len(notes) == 3 and any("head" in n for n in notes) and any("depth" in n for n in notes)
 
 
 def test_view_state_round_trips_through_the_url():
-    values = {"ckpt": "sample:nsa-tiny", "layer": 1, "head": 3, "query": 700, "zoom": Zoom(512, 1024, 0, 1024),
-              "len": 2048, "depth": 0.25}
+    values = {
+        "ckpt": "sample:nsa-tiny",
+        "layer": 1,
+        "head": 3,
+        "query": 700,
+        "zoom": Zoom(512, 1024, 0, 1024),
+        "len": 2048,
+        "depth": 0.25,
+    }
     assert parse_params(encode_params(values)) == (values, [])
 
 
@@ -220,15 +246,21 @@ def test_zoom_from_a_box_is_clipped_to_the_sequence():
 
 # Recorded benchmarks ---------------------------------------------------------------------------------
 
+
 def test_bench_results_group_records_into_charts():
-    doc = {"card": "H100", "date": "2026-11-28", "errors": ["x"], "results": [
-        {"shape": "paper128", "stage": "nsa", "impl": "triton", "T": 16384, "ms": 2.0},
-        {"shape": "paper128", "stage": "nsa", "impl": "triton", "T": 8192, "ms": 1.0},
-        {"shape": "paper128", "stage": "dense", "impl": "sdpa-flash", "T": 8192, "ms": 3.0},
-        {"shape": "small", "stage": "select", "impl": "triton", "T": 8192, "ms": 0.5},
-        {"shape": "small", "stage": "tune:select-merge", "impl": "4", "T": 8192, "ms": 0.4},
-        {"note": "no numbers here"},
-    ]}
+    doc = {
+        "card": "H100",
+        "date": "2026-11-28",
+        "errors": ["x"],
+        "results": [
+            {"shape": "paper128", "stage": "nsa", "impl": "triton", "T": 16384, "ms": 2.0},
+            {"shape": "paper128", "stage": "nsa", "impl": "triton", "T": 8192, "ms": 1.0},
+            {"shape": "paper128", "stage": "dense", "impl": "sdpa-flash", "T": 8192, "ms": 3.0},
+            {"shape": "small", "stage": "select", "impl": "triton", "T": 8192, "ms": 0.5},
+            {"shape": "small", "stage": "tune:select-merge", "impl": "4", "T": 8192, "ms": 0.4},
+            {"note": "no numbers here"},
+        ],
+    }
     rec = bench_results.parse(doc)
     assert rec.charts["shape paper128"]["nsa · triton"] == ([8192, 16384], [1.0, 2.0])
     assert set(rec.charts["shape paper128"]) == {"nsa · triton", "dense · sdpa-flash"}
@@ -239,15 +271,20 @@ def test_bench_results_group_records_into_charts():
 
 
 def test_bench_results_read_wide_records_as_one_line_per_timing_field():
-    doc = {"benchmark": "trace", "rows": [{"T": 2048, "trace_s": 0.5, "maps_ms": 3.0, "mean_recall": 0.2},
-                                          {"T": 1024, "trace_s": 0.25, "maps_ms": 2.0, "mean_recall": 0.3}]}
+    doc = {
+        "benchmark": "trace",
+        "rows": [
+            {"T": 2048, "trace_s": 0.5, "maps_ms": 3.0, "mean_recall": 0.2},
+            {"T": 1024, "trace_s": 0.25, "maps_ms": 2.0, "mean_recall": 0.3},
+        ],
+    }
     rec = bench_results.parse(doc)
     assert rec.charts == {"trace": {"trace": ([1024, 2048], [250.0, 500.0]), "maps": ([1024, 2048], [2.0, 3.0])}}
 
 
 def test_bench_results_refuse_a_file_without_records(tmp_path):
     bad = tmp_path / "x.json"
-    bad.write_text("{\"card\": 1}")
+    bad.write_text('{"card": 1}')
     with pytest.raises(bench_results.ResultsError, match="no list of records"):
         bench_results.load(bad)
     bad.write_text("not json")

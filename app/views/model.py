@@ -8,28 +8,46 @@ from app import cache, session, state
 from nsa_core import checkpoint
 
 # Paper symbol of each NSA field (arXiv 2502.11089; the mapping is NSAConfig's docstring).
-PAPER_SYMBOLS = {"cmp_block": "l", "cmp_stride": "d", "slc_block": "l'", "top_n": "n", "window": "w",
-                 "cmp_fn": "φ", "n_head": "h", "n_kv_head": "g (KV heads)", "head_dim": "d_k", "v_head_dim": "d_v"}
+PAPER_SYMBOLS = {
+    "cmp_block": "l",
+    "cmp_stride": "d",
+    "slc_block": "l'",
+    "top_n": "n",
+    "window": "w",
+    "cmp_fn": "φ",
+    "n_head": "h",
+    "n_kv_head": "g (KV heads)",
+    "head_dim": "d_k",
+    "v_head_dim": "d_v",
+}
 UPLOAD_LIMIT_MB = 256
 
 st.title("Model")
-st.caption("Open a checkpoint: one of the shipped sample models, a checkpoint on the server, or a single "
-           "`.safetensors` file from your computer. Loading is strict; nothing is ever unpickled.")
+st.caption(
+    "Open a checkpoint: one of the shipped sample models, a checkpoint on the server, or a single "
+    "`.safetensors` file from your computer. Loading is strict; nothing is ever unpickled."
+)
 
 shipped, server, upload = st.tabs(["Shipped samples", "Server path", "Upload"])
 with shipped:
     names = cache.sample_names()
     current = st.session_state.get("ckpt", "")
-    index = names.index(current[len(cache.SAMPLE):]) if current.startswith(cache.SAMPLE) and \
-        current[len(cache.SAMPLE):] in names else 0
+    index = (
+        names.index(current[len(cache.SAMPLE) :])
+        if current.startswith(cache.SAMPLE) and current[len(cache.SAMPLE) :] in names
+        else 0
+    )
     name = st.selectbox("Sample model", names, index=index, key="sample_pick")
     st.caption(cache.describe_sample(name))
     if st.button("Open sample", key="open_sample", type="primary") and session.switch_model(cache.SAMPLE + name):
         st.rerun()
 with server:
     roots = cache.allowed_roots()
-    st.caption("Checkpoints on this server, under the folders it allows (" + ", ".join(f"`{r}`" for r in roots)
-               + "; add more with the `NSA_CHECKPOINT_ROOTS` environment variable).")
+    st.caption(
+        "Checkpoints on this server, under the folders it allows ("
+        + ", ".join(f"`{r}`" for r in roots)
+        + "; add more with the `NSA_CHECKPOINT_ROOTS` environment variable)."
+    )
     found = [str(p) for p in cache.server_checkpoints()]
     picked = st.selectbox("Found checkpoints", found, index=None, key="path_found", placeholder="Choose one…")
     typed = st.text_input("…or a path", key="path_pick", placeholder="a directory or a .safetensors file")
@@ -43,10 +61,14 @@ with server:
             if session.switch_model(source):
                 st.rerun()
 with upload:
-    file = st.file_uploader("Single-file checkpoint", type=["safetensors"], key="upload_pick",
-                            max_upload_size=UPLOAD_LIMIT_MB,
-                            help="A .safetensors file whose metadata carries the config, as "
-                                 "`nsa_core.checkpoint.save_single_file` writes it.")
+    file = st.file_uploader(
+        "Single-file checkpoint",
+        type=["safetensors"],
+        key="upload_pick",
+        max_upload_size=UPLOAD_LIMIT_MB,
+        help="A .safetensors file whose metadata carries the config, as "
+        "`nsa_core.checkpoint.save_single_file` writes it.",
+    )
     if file is not None and st.session_state.get("_upload_done") != file.file_id:
         st.session_state["_upload_done"] = file.file_id
         if session.switch_model(cache.store_upload(file.getvalue())):

@@ -13,9 +13,11 @@ LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 ANSWER_TOKENS = 6  # five digits and <eos>
 
 st.title("Needle in a haystack")
-st.caption("A five-digit pass key is hidden at a chosen depth of real text (held-out Python standard-library "
-           "files the models never trained on); the prompt ends by asking for it. The answer is greedy and "
-           "scored by exact match.")
+st.caption(
+    "A five-digit pass key is hidden at a chosen depth of real text (held-out Python standard-library "
+    "files the models never trained on); the prompt ends by asking for it. The answer is greedy and "
+    "scored by exact match."
+)
 loaded = session.model()
 config = loaded.model.config
 choice = session.device_choice()
@@ -37,6 +39,65 @@ def haystack_widget(key: str) -> np.ndarray:
         st.stop()
 
 
+def show_answer(ids: tuple[int, ...], key: str, span: tuple[int, int]) -> None:
+    """Each model's answer, then (NSA) whether the needle's block was chosen at the answer token."""
+    models = [(loaded.label, loaded.source)] + ([(twin_name, twin_source)] if twin_source else [])
+    cols = st.columns(len(models))
+    for col, (label, source) in zip(cols, models, strict=True):
+        with col, st.spinner(f"{label} is reading {len(ids)} tokens…"):
+            tokens = cache.generate_answer(source, choice.device, choice.dtype, ids, ANSWER_TOKENS)
+        right = niah.is_correct(tokens, key)
+        col.metric(
+            f"{label} answers",
+            niah.answer_text(tokens) or "(nothing)",
+            delta="correct" if right else f"wrong: the key is {key}",
+            delta_color="normal" if right else "inverse",
+        )
+    if config.attention == "nsa":
+        with st.spinner("Tracing the prompt…"):
+            trace = cache.trace_ids(loaded.source, choice.device, choice.dtype, ids).trace
+            hit, rank = cache.needle_selection(loaded.source, choice.device, choice.dtype, ids, span)
+        in_window = span[1] >= len(ids) - config.window
+        st.markdown(
+            f"At the answer token (position {len(ids) - 1}): the needle's block was chosen in "
+            f"**{int(hit.sum())} of {hit.size}** (layer, KV head) pairs"
+            + (
+                " — it also lies inside the sliding window."
+                if in_window
+                else f"; it lies {len(ids) - 1 - span[1]} tokens back, outside the {config.window}-token window."
+            )
+        )
+        left, right_col = st.columns(2)
+        with left:
+            widgets.chart(figures.needle_selection(hit, rank=rank), key="needle_hit", name="needle-selected")
+        with right_col:
+            layer = state.clamp("layer", config.n_layer)
+            gates = trace.layers[layer].gates[len(ids) - 1]
+            widgets.chart(
+                figures.gate_bars(gates, query=len(ids) - 1), key="needle_gates", name=f"needle-gates-L{layer}"
+            )
+            st.caption(f"Gates of layer {layer} at the answer token (pick the layer on the Explorer page).")
+
+
+def show_grids(results: dict[str, dict], key: str) -> None:
+    """One length x depth grid per model, side by side; results[label] as nsa_core.niah.sweep returns it."""
+    cols = st.columns(len(results))
+    for col, (label, res) in zip(cols, results.items(), strict=True):
+        score = np.array(res["accuracy"], dtype=np.float32).T  # [depths, lengths]
+        with col:
+            widgets.chart(
+                figures.niah_grid(
+                    res["lengths"],
+                    res["depths"],
+                    score,
+                    title=f"{label}: exact match",
+                    trials=np.full(score.shape, res["trials"]),
+                ),
+                key=f"{key}_{label}",
+                name=f"niah-{label}",
+            )
+
+
 one, sweep_tab = st.tabs(["One prompt", "Length × depth sweep"])
 with one:
     c1, c2, c3 = st.columns([2, 2, 1])
@@ -56,63 +117,44 @@ with one:
         st.session_state["_asked"] = (loaded.source, ids)
     with st.expander(f"The prompt around the needle (tokens {span[0]}–{span[1]} of {len(ids)})"):
         st.html(snippets.span_html(ids, max(0, span[0] - 200), min(len(ids), span[1] + 200), highlight=span))
-        st.html(snippets.span_html(ids, max(0, len(ids) - 120), len(ids), query=len(ids) - 1,
-                                   title="…the end of the prompt: the question, then <sep>"))
+        st.html(
+            snippets.span_html(
+                ids,
+                max(0, len(ids) - 120),
+                len(ids),
+                query=len(ids) - 1,
+                title="…the end of the prompt: the question, then <sep>",
+            )
+        )
 
     if st.session_state.get("_asked") == (loaded.source, ids):
-        models = [(loaded.label, loaded.source)] + ([(twin_name, twin_source)] if twin_source else [])
-        cols = st.columns(len(models))
-        for col, (label, source) in zip(cols, models, strict=True):
-            with col, st.spinner(f"{label} is reading {len(ids)} tokens…"):
-                tokens = cache.generate_answer(source, choice.device, choice.dtype, ids, ANSWER_TOKENS)
-            right = niah.is_correct(tokens, key)
-            col.metric(f"{label} answers", niah.answer_text(tokens) or "(nothing)",
-                       delta="correct" if right else f"wrong: the key is {key}", delta_color="normal" if right else "inverse")
-        if config.attention == "nsa":
-            with st.spinner("Tracing the prompt…"):
-                trace = cache.trace_ids(loaded.source, choice.device, choice.dtype, ids).trace
-                hit, rank = cache.needle_selection(loaded.source, choice.device, choice.dtype, ids, span)
-            in_window = span[1] >= len(ids) - config.window
-            st.markdown(f"At the answer token (position {len(ids) - 1}): the needle's block was chosen in "
-                        f"**{int(hit.sum())} of {hit.size}** (layer, KV head) pairs"
-                        + (" — it also lies inside the sliding window." if in_window else
-                           f"; it lies {len(ids) - 1 - span[1]} tokens back, outside the {config.window}-token window."))
-            left, right_col = st.columns(2)
-            with left:
-                widgets.chart(figures.needle_selection(hit, rank=rank), key="needle_hit", name="needle-selected")
-            with right_col:
-                layer = state.clamp("layer", config.n_layer)
-                gates = trace.layers[layer].gates[len(ids) - 1]
-                widgets.chart(figures.gate_bars(gates, query=len(ids) - 1), key="needle_gates",
-                              name=f"needle-gates-L{layer}")
-                st.caption(f"Gates of layer {layer} at the answer token (pick the layer on the Explorer page).")
-
-def show_grids(results: dict[str, dict], key: str) -> None:
-    """One length x depth grid per model, side by side; results[label] as nsa_core.niah.sweep returns it."""
-    cols = st.columns(len(results))
-    for col, (label, res) in zip(cols, results.items(), strict=True):
-        score = np.array(res["accuracy"], dtype=np.float32).T  # [depths, lengths]
-        with col:
-            widgets.chart(figures.niah_grid(res["lengths"], res["depths"], score, title=f"{label}: exact match",
-                                            trials=np.full(score.shape, res["trials"])),
-                          key=f"{key}_{label}", name=f"niah-{label}")
-
+        with st.container(key="needle_result"):
+            show_answer(ids, key, span)
 
 with sweep_tab:
-    shipped = {label: rec for label, source in [(loaded.label, loaded.source), (twin_name, twin_source)]
-               if source and (rec := cache.recorded_niah(source))}
+    shipped = {
+        label: rec
+        for label, source in [(loaded.label, loaded.source), (twin_name, twin_source)]
+        if source and (rec := cache.recorded_niah(source))
+    }
     if shipped:
         st.markdown("**Recorded with the checkpoints** (the sweep in each model's `niah.json`)")
         show_grids(shipped, "recorded")
         st.markdown("**Run your own**")
-    st.caption("Every (length, depth) cell runs `trials` prompts with their own keys and haystack offsets. "
-               "On a CPU keep it small: each prompt is a full forward pass.")
+    st.caption(
+        "Every (length, depth) cell runs `trials` prompts with their own keys and haystack offsets. "
+        "On a CPU keep it small: each prompt is a full forward pass."
+    )
     c1, c2, c3 = st.columns([3, 1, 1])
     picked = c1.multiselect("Context lengths", lengths, default=lengths[:2], key="sweep_lengths")
     n_depths = int(c2.number_input("Depths", 1, 11, 3, key="sweep_depths"))
     trials = int(c3.number_input("Trials per cell", 1, 50, 2, key="sweep_trials"))
-    with_twin = st.checkbox(f"Also run the dense twin ({twin_name})", value=twin_source is not None,
-                            disabled=twin_source is None, key="sweep_twin")
+    with_twin = st.checkbox(
+        f"Also run the dense twin ({twin_name})",
+        value=twin_source is not None,
+        disabled=twin_source is None,
+        key="sweep_twin",
+    )
     haystack = haystack_widget("sweep_haystack")
     depths = niah.even_depths(n_depths)
     if st.button("Run sweep", key="run_sweep", type="primary", disabled=not picked, icon=":material/grid_view:"):
@@ -125,11 +167,22 @@ with sweep_tab:
             model = cache.load_model(source, choice.device, choice.dtype).model
 
             def report(done, _total, cell, label=label, offset=done_before):
-                bar.progress((offset + done) / total, text=f"{label}: {cell.length} tokens, depth {cell.depth:.0%} "
-                                                          f"→ {cell.correct}/{cell.trials} correct")
+                bar.progress(
+                    (offset + done) / total,
+                    text=f"{label}: {cell.length} tokens, depth {cell.depth:.0%} "
+                    f"→ {cell.correct}/{cell.trials} correct",
+                )
 
-            results[label] = niah.sweep(model, haystack, lengths=sorted(picked), depths=depths, trials=trials,
-                                        seed=0, progress=False, callback=report)
+            results[label] = niah.sweep(
+                model,
+                haystack,
+                lengths=sorted(picked),
+                depths=depths,
+                trials=trials,
+                seed=0,
+                progress=False,
+                callback=report,
+            )
             done_before += len(picked) * len(depths)
         bar.empty()
         st.session_state["_sweep"] = results
