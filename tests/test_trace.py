@@ -45,6 +45,17 @@ def test_trace_changes_no_output_bit(changes):
     assert trace.num_tokens == ids.shape[1] and len(trace.layers) == model.config.n_layer
 
 
+@pytest.mark.gpu
+def test_trace_changes_no_output_bit_on_the_triton_backend():
+    model, ids = build(T=1000)
+    model, ids = model.cuda(), ids.cuda()
+    with torch.no_grad():
+        plain = model(ids, backend="triton")
+        traced, trace = model(ids, backend="triton", trace=True)
+    assert torch.equal(plain, traced)
+    assert (trace.layers[0].block_idx[:, :, 0] == 0).all()  # block 0 is always chosen, first in ascending order
+
+
 def test_trace_records_what_the_reference_computed():
     model, ids = build()
     c = model.config
