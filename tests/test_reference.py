@@ -39,7 +39,7 @@ def num_cmp(T, cmp_block, cmp_stride):
 
 def make_inputs(T, G, *, TQ=None, B=None, hp=PAPER, dtype=torch.float64):
     """Random q [B, TQ, HQ, DK], k/v [B, T, H, D*], k_cmp/v_cmp [B, Tc, H, D*] (independent of k, v)."""
-    H = 1 if G >= 16 or T > 1000 else 2  # two KV heads check the head-to-group mapping; one keeps T=2049 cheap
+    H = 1 if G >= 16 or T >= 1000 else 2  # two KV heads check the head-to-group mapping; one keeps long T cheap
     B = B if B is not None else (2 if T <= 65 else 1)
     TQ = T if TQ is None else TQ
     Tc = num_cmp(T, hp["cmp_block"], hp["cmp_stride"])
