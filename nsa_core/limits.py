@@ -40,7 +40,8 @@ each stage's temporaries before the next, so the peak is
 - analyses (after the forward, from one layer's recomputed inputs): the forward up to that layer,
   the layer inputs, and each analysis's working chunk (see `ANALYSES`).
 
-The allocator's own overhead (glibc arenas on the CPU, the caching allocator's rounding on CUDA) is
+Index tensors, masks and other small temporaries add `SMALL_TENSOR_SHARE` to every phase. The
+allocator's own overhead (glibc arenas on the CPU, the caching allocator's rounding on CUDA) is
 a measured factor on top (`ALLOCATOR_OVERHEAD`); docs/reliability.md compares the estimate with
 measured peaks.
 """
@@ -74,6 +75,9 @@ _TOPN_BYTES_PER_ELEMENT = 30
 # Live float32 copies of one chunk of attention scores inside the reference's masked softmax.
 _SOFTMAX_COPIES = 6
 
+# The terms name the large tensors; index tensors, masks, norms and PyTorch's own scratch add about
+# this share on top (measured with the profiler against the itemised terms, docs/reliability.md).
+SMALL_TENSOR_SHARE = 0.1
 # Measured ratio of what the process really takes to what tensors allocate (docs/reliability.md).
 ALLOCATOR_OVERHEAD = {"cpu": 1.5, "cuda": 1.2}
 # Bytes kept free for everything else the process does (the server, the UI, other requests).
@@ -159,6 +163,9 @@ def estimate_memory(config: NSAConfig, tokens: int, *, dtype: torch.dtype = torc
         phases["trace"] = _trace_assembly(s)
     for name in analyses:
         phases[f"analysis/{name}"] = _analysis_phase(s, name, backend=backend)
+    for terms in phases.values():
+        terms.append(_term("small temporaries", f"{SMALL_TENSOR_SHARE:.0%} of the above",
+                           SMALL_TENSOR_SHARE * sum(t.bytes for t in terms)))
     phase, terms = max(phases.items(), key=lambda item: sum(t.bytes for t in item[1]))
     return MemoryEstimate(tokens=tokens, phase=phase, terms=tuple(terms), overhead=ALLOCATOR_OVERHEAD[dev])
 
@@ -370,8 +377,9 @@ def _attention_stages(s: _Sizes, base: list[MemoryTerm], inputs: MemoryTerm, *, 
     chunk_sel = min(T, max(1, REFERENCE_CHUNK_ELEMENTS // per_q_sel)) * per_q_sel * 4
     slots = H * c.top_n * c.slc_block  # gathered key slots per query
     chunk_q = min(T, max(1, REFERENCE_GATHER_ELEMENTS // (slots * (c.head_dim + c.v_head_dim + c.group_size))))
-    # Per slot: gathered k and v (float32), scores and probabilities of G heads (4 copies), int64 token ids.
-    chunk_slc = chunk_q * slots * (4 * (c.head_dim + c.v_head_dim) + 16 * c.group_size + 10)
+    # Per slot: gathered k and v (float32), 6 float32 copies of the G heads' scores, int64 token ids, masks.
+    chunk_slc = chunk_q * slots * (4 * (c.head_dim + c.v_head_dim) + 24 * c.group_size + 24)
+    blocked_kv = T * H * (c.head_dim + c.v_head_dim) * 4  # k and v regrouped into whole blocks
     win_q = min(T, c.window, max(1, REFERENCE_CHUNK_ELEMENTS // (HQ * 2 * c.window)))
     chunk_win = win_q * HQ * min(T, win_q + c.window - 1) * 4
     scores = T * H * s.Ns
@@ -384,8 +392,9 @@ def _attention_stages(s: _Sizes, base: list[MemoryTerm], inputs: MemoryTerm, *, 
         "forward/select": base + [inputs] + cmp_done + [
             _term("top-n over T x Ns scores", "30 T H Ns", _TOPN_BYTES_PER_ELEMENT * scores)],
         "forward/slc": base + [inputs] + sel_done + [out_built,
+                                                     _term("k/v as blocks", "T H (Dk+Dv) 4", blocked_kv),
                                                      _term("gathered blocks chunk",
-                                                           "C H n l' (4 (Dk+Dv) + 16 G + 10)", chunk_slc)],
+                                                           "C H n l' (4 (Dk+Dv) + 24 G + 24)", chunk_slc)],
         "forward/win": base + [inputs] + slc_done + [out_built,
                                                      _term("window score chunk", "6 C HQ (C+w) 4",
                                                            _SOFTMAX_COPIES * chunk_win)],
