@@ -804,22 +804,34 @@ def _tokens_label(n: int) -> str:
 def benchmark_lines(
     series: dict[str, tuple[Sequence[int], Sequence[float]]], *, title: str, y_title: str = "time (ms)"
 ) -> go.Figure:
-    """One line per implementation: series[name] = (context lengths, times); log-log axes."""
+    """One line per implementation: series[name] = (context lengths, times); log-log axes.
+
+    Whole-attention lines stand out: names starting with "nsa" are drawn thick, dense baselines
+    (names containing "dense" or "sdpa") dashed; per-stage lines stay thin.
+    """
     fig = go.Figure()
+    lengths = sorted({int(x) for xs, _ in series.values() for x in xs})
     for name, (xs, ys) in series.items():
+        lowered = name.lower()
+        dense = "dense" in lowered or "sdpa" in lowered
+        width = 3.5 if lowered.startswith("nsa") else 2.5 if dense else 1.5
         fig.add_trace(
             go.Scatter(
                 x=list(xs),
                 y=list(ys),
                 mode="lines+markers",
                 name=name,
-                hovertemplate=name + ": %{y:.3g} at %{x} tokens<extra></extra>",
+                line={"width": width, "dash": "dash" if dense else None},
+                marker={"size": 6},
+                hovertemplate=name + ": %{y:.3g} ms at %{x} tokens<extra></extra>",
             )
         )
-    fig.update_xaxes(type="log", title_text="context length (tokens)")
+    fig.update_xaxes(
+        type="log", title_text="context length (tokens)", tickvals=lengths, ticktext=[_tokens_label(n) for n in lengths]
+    )
     fig.update_yaxes(type="log", title_text=y_title)
-    fig.update_layout(legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"})
-    return _layout(fig, title=title, height=380)
+    fig.update_layout(legend={"orientation": "v", "x": 1.02, "y": 1, "xanchor": "left", "yanchor": "top"})
+    return _layout(fig, title=title, height=420)
 
 
 def payload_bytes(fig: go.Figure) -> int:

@@ -31,7 +31,7 @@ def chart(fig: go.Figure, *, key: str, name: str, selectable: bool = False, box:
 
 def export_menu(fig: go.Figure, *, name: str, key: str) -> None:
     """PNG, SVG and self-contained HTML downloads; images render only when asked for."""
-    with st.popover("Export", icon=":material/download:"):
+    with st.popover("Export", icon=":material/download:", type="tertiary"):
         st.download_button(
             "PNG",
             data=_deferred(export.figure_image, fig, "png"),

@@ -303,3 +303,15 @@ def test_uploads_are_kept_by_content_hash_in_the_private_folder():
         cache.source_path("upload:../../etc/passwd")
     with pytest.raises(cache.SourceError):
         cache.source_path("file:///etc/passwd")
+
+
+def test_the_trace_download_is_a_trace_file_of_the_input(tmp_path):
+    from nsa_core.trace import ModelTrace
+
+    source = cache.SAMPLE + "nsa-random"
+    ids = tuple(range(40, 140))
+    data = cache.trace_npz(source, "cpu", "float32", ids)
+    (tmp_path / "t.npz").write_bytes(data)
+    trace = ModelTrace.load(tmp_path / "t.npz")
+    assert trace.token_ids.tolist() == list(ids)
+    assert len(trace.layers) == 2 and trace.layers[0].gates.shape == (100, 4, 3)

@@ -290,3 +290,18 @@ def test_bench_results_refuse_a_file_without_records(tmp_path):
     bad.write_text("not json")
     with pytest.raises(bench_results.ResultsError, match="not JSON"):
         bench_results.load(bad)
+
+
+# Exports ---------------------------------------------------------------------------------------------
+
+def test_figures_export_as_png_svg_and_offline_html():
+    from app import export
+
+    fig = figures.gate_atlas(np.random.default_rng(0).random((2, 4, 3)))
+    assert export.figure_image(fig, "png").startswith(b"\x89PNG\r\n\x1a\n")
+    assert b"<svg" in export.figure_image(fig, "svg")[:400]
+    html = export.figure_html(fig)
+    # plotly.js is inlined (several MB) and no script is fetched from elsewhere: it opens offline.
+    assert b"<html" in html[:200] and len(html) > 1_000_000 and b"<script src=" not in html
+    with pytest.raises(ValueError, match="format"):
+        export.figure_image(fig, "gif")
