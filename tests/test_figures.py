@@ -294,6 +294,7 @@ def test_bench_results_refuse_a_file_without_records(tmp_path):
 
 # Exports ---------------------------------------------------------------------------------------------
 
+
 def test_figures_export_as_png_svg_and_offline_html():
     from app import export
 
