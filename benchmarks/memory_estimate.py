@@ -24,8 +24,9 @@ from nsa_core import limits
 from nsa_core.config import NSAConfig
 
 # A small config whose selection stage (the T x Ns term) dominates already at a few thousand tokens.
-SMALL = dict(d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, v_head_dim=16, mlp_hidden=128,
-             cmp_block=16, cmp_stride=8, slc_block=16, top_n=4, window=64, cmp_mlp_hidden=16)
+SMALL = {"d_model": 64, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "head_dim": 16, "v_head_dim": 16,
+         "mlp_hidden": 128, "cmp_block": 16, "cmp_stride": 8, "slc_block": 16, "top_n": 4, "window": 64,
+         "cmp_mlp_hidden": 16}
 
 _CHILD = r"""
 import json, sys, torch
@@ -84,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     for T in args.tokens:
         for trace in traces:
             est = limits.estimate_memory(NSAConfig(**config), T, dtype=torch.float32, trace=trace)
-            row = dict(config=args.config, tokens=T, trace=trace, phase=est.phase,
-                       estimate_mib=est.tensor_bytes / 2**20, estimate_with_overhead_mib=est.total_bytes / 2**20,
-                       allocated_mib=measure(config, T, trace, "allocated") / 2**20,
-                       rss_mib=measure(config, T, trace, "rss") / 2**20)
+            row = {"config": args.config, "tokens": T, "trace": trace, "phase": est.phase,
+                   "estimate_mib": est.tensor_bytes / 2**20, "estimate_with_overhead_mib": est.total_bytes / 2**20,
+                   "allocated_mib": measure(config, T, trace, "allocated") / 2**20,
+                   "rss_mib": measure(config, T, trace, "rss") / 2**20}
             rows.append(row)
             print(f"{args.config:>7} T={T:>6} trace={trace!s:<5} peak stage {row['phase']:<16} "
-                  f"estimate {row['estimate_mib']:8.1f} MiB (x{est.overhead}: {row['estimate_with_overhead_mib']:8.1f}) "
+                  f"estimate {row['estimate_mib']:8.1f} MiB "
+                  f"(x{est.overhead}: {row['estimate_with_overhead_mib']:8.1f}) "
                   f"allocated {row['allocated_mib']:8.1f} MiB  rss {row['rss_mib']:8.1f} MiB", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -424,20 +424,21 @@ def _analysis_phase(s: _Sizes, name: str, *, backend: str) -> list[MemoryTerm]:
              _term("residual stream", "3 T dm a", s.residual),
              _term("layer inputs", "T (HQ Dk + H (Dk+Dv) + HQ 3) a + ...", s.inputs)]
     fused = backend == "triton"  # the dense-map kernels hold one row block, not a chunk of scores
+    chunk = 0 if fused else min(ANALYSIS_CHUNK_ELEMENTS, c.n_head * T * T) * 4  # one float32 score chunk
     if name == "query_detail":
         terms.append(_term("one query row", "HQ (Tc + T) 4 x 4", 4 * c.n_head * (s.Tc + T) * 4))
     elif name == "dense_map":
         # [rows, C] mass buffer per call (rows x C <= 2^26 elements) and the 512 x 512 result.
         buffer = min(T * min(T, 512), ANALYSIS_ROWS_ELEMENTS) * 4
         terms += [_term("mass buffer", "min(T C, 2^26) 4", 2 * buffer),
-                  _term("score chunk", "4 x 2^22 4", 0 if fused else 4 * min(ANALYSIS_CHUNK_ELEMENTS, c.n_head * T * T) * 4)]
+                  _term("score chunk", "4 x 2^22 4", 4 * chunk)]
     elif name == "recall":
         terms += [_term("lse + covered", "2 T HQ 4", 2 * T * c.n_head * 4),
-                  _term("score chunk", "5 x 2^22 4", 0 if fused else 5 * min(ANALYSIS_CHUNK_ELEMENTS, c.n_head * T * T) * 4)]
+                  _term("score chunk", "5 x 2^22 4", 5 * chunk)]
     else:  # oracle
         rows = min(T, max(1, ANALYSIS_ROWS_ELEMENTS // max(1, c.n_head * s.Ns)))
         terms += [_term("block mass rows", "2 rows HQ Ns 4", 2 * rows * c.n_head * s.Ns * 4),
-                  _term("score chunk", "4 x 2^22 4", 0 if fused else 4 * min(ANALYSIS_CHUNK_ELEMENTS, c.n_head * T * T) * 4)]
+                  _term("score chunk", "4 x 2^22 4", 4 * chunk)]
     return terms
 
 

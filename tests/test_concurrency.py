@@ -84,13 +84,13 @@ def test_concurrent_traces_match_single_threaded_runs_and_leave_the_model_untouc
         t.join(timeout=300)
     assert not errors, errors
     # The two traces really ran at the same time at least once.
-    assert any(a0 < b1 and b0 < a1 for (a0, a1), (b0, b1) in zip(spans[0], spans[1]))
+    assert any(a0 < b1 and b0 < a1 for (a0, a1), (b0, b1) in zip(spans[0], spans[1], strict=True))
     for i, runs in results.items():
         assert len(runs) == len(lengths)
-        for run, want in zip(runs, expected[i]):
+        for run, want in zip(runs, expected[i], strict=True):
             got = trace_arrays(run)
             assert len(got) == len(want)
-            for g, e in zip(got, want):
+            for g, e in zip(got, want, strict=True):
                 np.testing.assert_array_equal(g, e)
     assert model_checksum(loaded.model) == before
     assert not loaded.model.training
@@ -127,7 +127,7 @@ def test_two_app_sessions_tracing_different_texts_at_once_each_see_their_own(sou
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
-    for at, text in zip(sessions, texts):
+    for at, text in zip(sessions, texts, strict=True):
         assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
         ids, _ = cache.encode_text(text, TOKENS)
         tokens = next(m for m in at.metric if m.label == "Tokens")

@@ -147,9 +147,8 @@ def _fails_after_allocating(nbytes: int, refs: list):
 
 def test_guard_releases_what_the_failing_code_held_and_says_what_it_was_doing():
     refs = []
-    with pytest.raises(limits.DeviceOutOfMemory) as info:
-        with limits.oom_guard("tracing 65,536 tokens", device="cpu"):
-            _fails_after_allocating(64 << 20, refs)
+    with pytest.raises(limits.DeviceOutOfMemory) as info, limits.oom_guard("tracing 65,536 tokens", device="cpu"):
+        _fails_after_allocating(64 << 20, refs)
     gc.collect()
     assert refs[0]() is None, "the failing frame's tensor is still alive"
     err = info.value
@@ -159,12 +158,10 @@ def test_guard_releases_what_the_failing_code_held_and_says_what_it_was_doing():
 
 
 def test_guard_recognises_the_cpu_allocator_failure_and_lets_other_errors_through():
-    with pytest.raises(limits.DeviceOutOfMemory, match="can't allocate memory"):
-        with limits.oom_guard("allocating", device="cpu"):
-            torch.empty(1 << 62, dtype=torch.uint8)
-    with pytest.raises(KeyError):
-        with limits.oom_guard("looking up"):
-            raise KeyError("not memory")
+    with pytest.raises(limits.DeviceOutOfMemory, match="can't allocate memory"), limits.oom_guard("allocating"):
+        torch.empty(1 << 62, dtype=torch.uint8)
+    with pytest.raises(KeyError), limits.oom_guard("looking up"):
+        raise KeyError("not memory")
     with limits.oom_guard("nothing"):
         value = 1
     assert value == 1
@@ -175,9 +172,8 @@ def test_work_goes_on_after_a_guarded_failure():
     ids = torch.randint(0, 256, (1, 96))
     with torch.inference_mode():
         before = model(ids)
-    with pytest.raises(limits.DeviceOutOfMemory):
-        with limits.oom_guard("tracing", device="cpu"):
-            _fails_after_allocating(1 << 20, [])
+    with pytest.raises(limits.DeviceOutOfMemory), limits.oom_guard("tracing", device="cpu"):
+        _fails_after_allocating(1 << 20, [])
     with torch.inference_mode():
         assert torch.equal(model(ids), before)
 
@@ -194,9 +190,9 @@ def test_gpu_out_of_memory_is_caught_and_memory_returns():
         refs.append(weakref.ref(held[0]))
         held.append(torch.empty(free, dtype=torch.uint8, device="cuda"))  # more than is left
 
-    with pytest.raises(limits.DeviceOutOfMemory, match="filling the GPU"):
-        with limits.oom_guard("filling the GPU", device="cuda"):
-            exhaust()
+    with pytest.raises(limits.DeviceOutOfMemory, match="filling the GPU"), limits.oom_guard("filling the GPU",
+                                                                                          device="cuda"):
+        exhaust()
     assert refs[0]() is None
     assert torch.cuda.memory_allocated() == baseline
     assert limits.free_memory("cuda") >= free * 0.9

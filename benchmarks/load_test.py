@@ -1,0 +1,258 @@
+"""Load test on loopback: N browser sessions explore the app at once for a bounded time.
+
+The app is started as a user starts it (`python -m nsa_core.cli app --device cpu`) on 127.0.0.1 with
+a short disconnected-session TTL, and Debian's Chromium (driven by Playwright, no browser download)
+opens N pages in separate contexts, so N independent Streamlit sessions. Each session loops until
+the deadline: set the Explorer's "Max tokens" to a length of its own, wait for the run to finish and
+read back the "Tokens" metric (a result that does not show, or shows another session's length, is a
+lost result); every few steps it visits the Gates page and comes back, and now and then reloads (a
+new session replaces the old one). Any exception box or error alert counts as an error.
+
+Server memory is the resident set of the server process tree, sampled every half second:
+- baseline: after a warm-up session has run every length of the pool once (the model and bounded
+  caches loaded, as on a server that has been in use), that session closed and its TTL passed;
+- peak: during the load;
+- after: once every session has closed and the TTL has passed.
+"Back to baseline" means after - baseline <= max(64 MiB, 10% of baseline).
+
+    python benchmarks/load_test.py --sessions 8 --seconds 60 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from playwright.async_api import async_playwright
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SESSION_TTL_S = 5  # how long the server keeps a disconnected session (Streamlit's default is 120)
+TIMEOUT_MS = 180_000  # one step on a busy 2-core machine: 8 sessions share its CPU
+# Input lengths the sessions cycle through: more than the trace cache holds (8), so runs keep happening.
+LENGTHS = tuple(range(64, 64 + 16 * 12, 16))
+
+
+@dataclass
+class SessionLog:
+    index: int
+    steps: int = 0  # results asked for
+    results: int = 0  # results that showed, with this session's own length
+    lost: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), STREAMLIT_SERVER_DISCONNECTED_SESSION_TTL=str(SESSION_TTL_S))
+    proc = subprocess.Popen([sys.executable, "-m", "nsa_core.cli", "app", "--port", str(port), "--address",
+                             "127.0.0.1", "--headless", "--device", "cpu"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the app did not open its port within 120 s")
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of pid and all its descendants (the launcher runs Streamlit as a child)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class Sampler(threading.Thread):
+    """Samples the server's RSS every half second and keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, tree_rss(self.pid))
+            self.stop.wait(0.5)
+
+
+async def settle(page) -> None:
+    """Wait until the app is connected and its script has finished."""
+    await page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']")
+    await page.wait_for_timeout(300)
+    await page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
+
+
+async def page_errors(page) -> list[str]:
+    boxes = page.locator("[data-testid='stException'], [data-testid='stAlertContentError']")
+    return [(await boxes.nth(i).inner_text())[:300] for i in range(await boxes.count())]
+
+
+async def shown_tokens(page) -> str:
+    metric = page.locator("[data-testid='stMetric']").filter(has_text="Tokens").first
+    return (await metric.locator("[data-testid='stMetricValue']").inner_text()).strip()
+
+
+async def set_length(page, length: int) -> None:
+    box = page.get_by_label("Max tokens")
+    await box.fill(str(length))
+    await box.press("Enter")
+    await settle(page)
+
+
+async def explore(page, url: str, log: SessionLog, deadline: float) -> None:
+    """One session's loop: its own lengths, page visits, reloads, until the deadline."""
+    await page.goto(f"{url}/?tokens={LENGTHS[log.index % len(LENGTHS)]}")
+    await settle(page)
+    step = 0
+    while time.monotonic() < deadline:
+        length = LENGTHS[(log.index * 5 + step) % len(LENGTHS)]
+        started = time.monotonic()
+        log.steps += 1
+        await set_length(page, length)
+        shown = await shown_tokens(page)
+        log.step_seconds.append(time.monotonic() - started)
+        if shown == f"{length:,}":
+            log.results += 1
+        else:
+            log.lost.append(f"asked for {length} tokens, saw {shown!r}")
+        log.errors += await page_errors(page)
+        step += 1
+        if step % 3 == 0 and time.monotonic() < deadline:
+            await page.get_by_role("link", name="Gates").first.click()
+            await settle(page)
+            log.errors += await page_errors(page)
+            await page.get_by_role("link", name="Explorer").first.click()
+            await settle(page)
+        if step % 5 == 0 and time.monotonic() < deadline:
+            await page.reload()
+            await settle(page)
+
+
+async def run_session(browser, url: str, log: SessionLog, deadline: float) -> None:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        await explore(page, url, log, deadline)
+    except Exception as err:  # a session that breaks is an error of the run, not of the script
+        log.errors.append(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+    finally:
+        await context.close()
+
+
+async def warm_up(browser, url: str) -> None:
+    """One session through every length once: the model and the bounded caches are loaded."""
+    context = await browser.new_context()
+    page = await context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    await page.goto(f"{url}/?tokens={LENGTHS[0]}")
+    await settle(page)
+    for length in LENGTHS:
+        await set_length(page, length)
+    await context.close()
+
+
+async def load(url: str, server_pid: int, logs: list[SessionLog], seconds: float) -> dict:
+    """Warm up, measure the baseline, run every session at once, measure peak and after."""
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        await warm_up(browser, url)
+        await asyncio.sleep(3 * SESSION_TTL_S)  # the warm-up session expires
+        baseline = tree_rss(server_pid)
+        sampler = Sampler(server_pid)
+        sampler.start()
+        started = time.monotonic()
+        await asyncio.gather(*(run_session(browser, url, log, started + seconds) for log in logs))
+        elapsed = time.monotonic() - started
+        sampler.stop.set()
+        sampler.join()
+        await browser.close()
+    await asyncio.sleep(3 * SESSION_TTL_S)  # every session expires
+    return {"baseline": baseline, "peak": sampler.peak, "after": tree_rss(server_pid), "elapsed": elapsed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=60.0, help="exploration time (a bound, not a target)")
+    parser.add_argument("--json", help="write the summary and per-session logs here")
+    args = parser.parse_args(argv)
+    if not 1 <= args.sessions <= 32 or not 0 < args.seconds <= 600:
+        parser.error("--sessions must be in 1..32 and --seconds in (0, 600]")
+    port = free_port()
+    server = start_server(port)
+    url = f"http://127.0.0.1:{port}"
+    logs = [SessionLog(i) for i in range(args.sessions)]
+    try:
+        memory = asyncio.run(load(url, server.pid, logs, args.seconds))
+        alive = server.poll() is None
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    baseline, after, elapsed = memory["baseline"], memory["after"], memory["elapsed"]
+    steps = sum(log.steps for log in logs)
+    results = sum(log.results for log in logs)
+    errors = sum(len(log.errors) for log in logs)
+    lost = sum(len(log.lost) for log in logs)
+    durations = sorted(s for log in logs for s in log.step_seconds)
+    back = after - baseline <= max(64 << 20, baseline // 10)
+    summary = {"sessions": args.sessions, "bound_s": args.seconds, "elapsed_s": round(elapsed, 1), "steps": steps,
+                   "results": results, "lost": lost, "errors": errors, "server_alive": alive,
+                   "step_median_s": round(durations[len(durations) // 2], 2) if durations else None,
+                   "step_max_s": round(durations[-1], 2) if durations else None,
+                   "rss_baseline_mib": round(baseline / 2**20, 1), "rss_peak_mib": round(memory["peak"] / 2**20, 1),
+                   "rss_after_mib": round(after / 2**20, 1), "back_to_baseline": back}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "sessions": [asdict(log) for log in logs]},
+                                              indent=1), encoding="utf-8")
+    for log in logs:
+        for message in log.errors + log.lost:
+            print(f"session {log.index}: {message}")
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    ok = errors == 0 and lost == 0 and alive and back and results == steps and steps >= args.sessions
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
