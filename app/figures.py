@@ -303,6 +303,16 @@ def selection_map(
             )
         )
         labels["forced"] = forced
+        # Heatmaps have no legend entry of their own: a marker-only trace names the hue.
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                marker={"size": 10, "color": FORCED_COLOR, "symbol": "square"},
+                name="forced (block 0, local blocks)",
+            )
+        )
     t0, t1 = float(q_edges[0]), float(q_edges[-1])
     # Window band: keys t-w+1 .. t for every query t (two lines, drawn in key coordinates).
     ts = np.array([t0, t1 - 1], np.float32)
