@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 playwright = pytest.importorskip("playwright.sync_api")
+expect = playwright.expect
 
 pytestmark = pytest.mark.e2e
 
@@ -105,6 +106,7 @@ def page(browser):
     context = browser.new_context(viewport={"width": 1440, "height": 1000})
     pg = context.new_page()
     pg.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)
     yield pg
     context.close()
 
@@ -154,7 +156,7 @@ def test_clicking_a_heatmap_cell_opens_that_query_in_the_inspector(server, page)
     page.goto(f"{server}/?tokens={TOKENS}")
     _settle(page)
     query = page.get_by_label("Query position")
-    assert query.input_value() == str(TOKENS - 1)
+    expect(query).to_have_value(str(TOKENS - 1))
     selection = _chart(page, 1)
     plot = selection.locator(".nsewdrag").first
     plot.scroll_into_view_if_needed()
@@ -195,3 +197,27 @@ def test_a_needle_demo_shows_the_models_answer(server, page):
     assert re.search(r"answers", answer.inner_text())
     page.get_by_text("needle's block was chosen").wait_for()
     _shot(page.locator("[data-testid='stMain']"), "needle")
+
+
+def test_a_permalink_opens_the_view_and_a_box_selection_zooms_the_map(server, page):
+    page.goto(f"{server}/?tokens={TOKENS}&layer=1&head=5&query=100")
+    _settle(page)
+    expect(page.get_by_label("Query position")).to_have_value("100")
+    page.get_by_text("layer 1 · KV head 1: blocks chosen per query block").wait_for()
+    selection = _chart(page, 1)
+    selection.scroll_into_view_if_needed()
+    selection.hover()
+    selection.locator(".modebar-btn[data-title='Box Select']").click()
+    plot = selection.locator(".nsewdrag").first
+    box = plot.bounding_box()
+    x0, y0 = box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.5
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + box["width"] * 0.4, y0 + box["height"] * 0.45, steps=10)
+    page.mouse.up()
+    page.get_by_text(re.compile(r"^Zoomed to queries \d+–\d+, keys \d+–\d+\.$")).wait_for()
+    _settle(page)
+    assert "zoom=" in page.url
+    page.get_by_role("button", name="Reset zoom").click()
+    _settle(page)
+    page.get_by_text("Click a cell to inspect its query", exact=False).wait_for()
