@@ -9,8 +9,9 @@ lost result); every few steps it visits the Gates page and comes back, and now a
 new session replaces the old one). Any exception box or error alert counts as an error.
 
 Server memory is the resident set of the server process tree, sampled every half second:
-- baseline: after a warm-up session has run every length of the pool once (the model and bounded
-  caches loaded, as on a server that has been in use), that session closed and its TTL passed;
+- cold: the server started, before any session (no model loaded yet);
+- baseline: after a warm-up round of the same load (the model, the bounded caches and the allocator's
+  pools at their working size, as on a server that has been in use), its sessions closed and expired;
 - peak: during the load;
 - after: once every session has closed and the TTL has passed.
 "Back to baseline" means after - baseline <= max(64 MiB, 10% of baseline).
@@ -131,7 +132,7 @@ async def shown_tokens(page) -> str:
 
 
 async def set_length(page, length: int) -> None:
-    box = page.get_by_label("Max tokens")
+    box = page.get_by_role("spinbutton", name="Max tokens")
     await box.fill(str(length))
     await box.press("Enter")
     await settle(page)
@@ -178,24 +179,15 @@ async def run_session(browser, url: str, log: SessionLog, deadline: float) -> No
         await context.close()
 
 
-async def warm_up(browser, url: str) -> None:
-    """One session through every length once: the model and the bounded caches are loaded."""
-    context = await browser.new_context()
-    page = await context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    await page.goto(f"{url}/?tokens={LENGTHS[0]}")
-    await settle(page)
-    for length in LENGTHS:
-        await set_length(page, length)
-    await context.close()
-
-
-async def load(url: str, server_pid: int, logs: list[SessionLog], seconds: float) -> dict:
-    """Warm up, measure the baseline, run every session at once, measure peak and after."""
+async def load(url: str, server_pid: int, warm_logs: list[SessionLog], logs: list[SessionLog], warm_seconds: float,
+               seconds: float) -> dict:
+    """Cold RSS; a warm-up round of the same load; baseline; the measured round; peak and after."""
+    cold = tree_rss(server_pid)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        await warm_up(browser, url)
-        await asyncio.sleep(3 * SESSION_TTL_S)  # the warm-up session expires
+        started = time.monotonic()
+        await asyncio.gather(*(run_session(browser, url, log, started + warm_seconds) for log in warm_logs))
+        await asyncio.sleep(3 * SESSION_TTL_S)  # the warm-up sessions expire
         baseline = tree_rss(server_pid)
         sampler = Sampler(server_pid)
         sampler.start()
@@ -206,23 +198,25 @@ async def load(url: str, server_pid: int, logs: list[SessionLog], seconds: float
         sampler.join()
         await browser.close()
     await asyncio.sleep(3 * SESSION_TTL_S)  # every session expires
-    return {"baseline": baseline, "peak": sampler.peak, "after": tree_rss(server_pid), "elapsed": elapsed}
+    return {"cold": cold, "baseline": baseline, "peak": sampler.peak, "after": tree_rss(server_pid), "elapsed": elapsed}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0, help="exploration time (a bound, not a target)")
+    parser.add_argument("--warmup", type=float, default=30.0, help="seconds of the same load before the baseline")
     parser.add_argument("--json", help="write the summary and per-session logs here")
     args = parser.parse_args(argv)
-    if not 1 <= args.sessions <= 32 or not 0 < args.seconds <= 600:
-        parser.error("--sessions must be in 1..32 and --seconds in (0, 600]")
+    if not 1 <= args.sessions <= 32 or not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 600:
+        parser.error("--sessions must be in 1..32, --seconds in (0, 600] and --warmup in [0, 600]")
     port = free_port()
     server = start_server(port)
     url = f"http://127.0.0.1:{port}"
+    warm_logs = [SessionLog(i) for i in range(args.sessions)]
     logs = [SessionLog(i) for i in range(args.sessions)]
     try:
-        memory = asyncio.run(load(url, server.pid, logs, args.seconds))
+        memory = asyncio.run(load(url, server.pid, warm_logs, logs, args.warmup, args.seconds))
         alive = server.poll() is None
     finally:
         server.terminate()
@@ -233,24 +227,29 @@ def main(argv: list[str] | None = None) -> int:
     baseline, after, elapsed = memory["baseline"], memory["after"], memory["elapsed"]
     steps = sum(log.steps for log in logs)
     results = sum(log.results for log in logs)
-    errors = sum(len(log.errors) for log in logs)
-    lost = sum(len(log.lost) for log in logs)
+    errors = sum(len(log.errors) for log in logs + warm_logs)
+    lost = sum(len(log.lost) for log in logs + warm_logs)
     durations = sorted(s for log in logs for s in log.step_seconds)
     back = after - baseline <= max(64 << 20, baseline // 10)
-    summary = {"sessions": args.sessions, "bound_s": args.seconds, "elapsed_s": round(elapsed, 1), "steps": steps,
-                   "results": results, "lost": lost, "errors": errors, "server_alive": alive,
-                   "step_median_s": round(durations[len(durations) // 2], 2) if durations else None,
-                   "step_max_s": round(durations[-1], 2) if durations else None,
-                   "rss_baseline_mib": round(baseline / 2**20, 1), "rss_peak_mib": round(memory["peak"] / 2**20, 1),
-                   "rss_after_mib": round(after / 2**20, 1), "back_to_baseline": back}
+    summary = {
+        "sessions": args.sessions, "bound_s": args.seconds, "elapsed_s": round(elapsed, 1),
+        "warmup_steps": sum(log.steps for log in warm_logs), "steps": steps, "results": results, "lost": lost,
+        "errors": errors, "server_alive": alive,
+        "step_median_s": round(durations[len(durations) // 2], 2) if durations else None,
+        "step_max_s": round(durations[-1], 2) if durations else None,
+        "rss_cold_mib": round(memory["cold"] / 2**20, 1), "rss_baseline_mib": round(baseline / 2**20, 1),
+        "rss_peak_mib": round(memory["peak"] / 2**20, 1), "rss_after_mib": round(after / 2**20, 1),
+        "back_to_baseline": back,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "sessions": [asdict(log) for log in logs]},
                                               indent=1), encoding="utf-8")
-    for log in logs:
+    for log in warm_logs + logs:
         for message in log.errors + log.lost:
             print(f"session {log.index}: {message}")
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
-    ok = errors == 0 and lost == 0 and alive and back and results == steps and steps >= args.sessions
+    every_session_served = all(log.results >= 1 for log in logs)
+    ok = errors == 0 and lost == 0 and alive and back and results == steps and every_session_served
     return 0 if ok else 1
 
 

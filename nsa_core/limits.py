@@ -78,8 +78,10 @@ _SOFTMAX_COPIES = 6
 # The terms name the large tensors; index tensors, masks, norms and PyTorch's own scratch add about
 # this share on top (measured with the profiler against the itemised terms, docs/reliability.md).
 SMALL_TENSOR_SHARE = 0.1
-# Measured ratio of what the process really takes to what tensors allocate (docs/reliability.md).
-ALLOCATOR_OVERHEAD = {"cpu": 1.5, "cuda": 1.2}
+# What the process really takes over what its tensors allocate: on the CPU the largest ratio of RSS
+# growth to the itemised estimate measured (docs/reliability.md); on CUDA an allowance for the caching
+# allocator's block rounding, checked by a gpu test against torch.cuda.max_memory_reserved.
+ALLOCATOR_OVERHEAD = {"cpu": 1.75, "cuda": 1.2}
 # Bytes kept free for everything else the process does (the server, the UI, other requests).
 RESERVE_BYTES = {"cpu": 512 << 20, "cuda": 1 << 30}
 

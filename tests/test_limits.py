@@ -205,16 +205,19 @@ def test_gpu_estimate_bounds_the_measured_peak(backend):
     model = NSALM(NSAConfig()).to("cuda", torch.bfloat16).eval().requires_grad_(False)
     ids = torch.randint(0, 256, (1, 8192), device="cuda")
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
+    start, start_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     with torch.inference_mode():
         out = model(ids, backend=backend, trace=True)
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - start
+    reserved = torch.cuda.max_memory_reserved() - start_reserved
     del out
     estimate = limits.estimate_memory(NSAConfig(), 8192, dtype=torch.bfloat16, backend=backend, trace=True,
                                       device="cuda")
     assert measured <= estimate.tensor_bytes, (measured, estimate.describe())
+    assert reserved <= estimate.total_bytes, (reserved, estimate.describe())
 
 
 # The app: every model run goes through the check and the guard, and the server keeps serving ----------
