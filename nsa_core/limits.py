@@ -36,9 +36,11 @@ each stage's temporaries before the next, so the peak is
   head: the final RMSNorm and the logits T x V in the model dtype and in float32.
 - trace assembly (after the last layer): all L records, the logits, the numpy trace arrays
   (gates, block_idx, block scores, lse, branch norms) and, for a chunk of 2048 queries, the keys of
-  the R = ceil((l' + l - 1) / d) compressed tokens overlapping each chosen block, their scores and indices.
-- analyses (after the forward, from one layer's recomputed inputs): the forward up to that layer,
-  the layer inputs, and each analysis's working chunk (see `ANALYSES`).
+  the R = ceil((l' + l - 1) / d) compressed tokens overlapping each chosen block, their scores and
+  indices.
+- analyses (after the forward, from one layer's recomputed inputs): the trace arrays, the layer
+  inputs and each analysis's working chunk and output (`_analysis_phase`); recomputing the inputs
+  runs the forward up to that layer, which the forward's own phases already bound.
 
 Index tensors, masks and other small temporaries add `SMALL_TENSOR_SHARE` to every phase. The
 allocator's own overhead (glibc arenas on the CPU, the caching allocator's rounding on CUDA) is
