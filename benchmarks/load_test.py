@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from playwright.async_api import async_playwright
+from playwright.async_api import async_playwright, expect
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -126,9 +126,20 @@ async def page_errors(page) -> list[str]:
     return [(await boxes.nth(i).inner_text())[:300] for i in range(await boxes.count())]
 
 
-async def shown_tokens(page) -> str:
-    metric = page.locator("[data-testid='stMetric']").filter(has_text="Tokens").first
-    return (await metric.locator("[data-testid='stMetricValue']").inner_text()).strip()
+async def wait_for_tokens(page, length: int) -> str | None:
+    """Wait until the Tokens metric shows `length`; None when it does, else what it showed at the timeout.
+
+    A rerun may start a moment after the input is committed, so the page is not read at once: the
+    result counts as lost only if it never shows.
+    """
+    value = page.locator("[data-testid='stMetric']").filter(has_text="Tokens").first.locator(
+        "[data-testid='stMetricValue']")
+    try:
+        await expect(value).to_have_text(f"{length:,}", timeout=TIMEOUT_MS)
+    except AssertionError:
+        return (await value.inner_text()).strip() if await value.count() else "nothing"
+    await settle(page)
+    return None
 
 
 async def set_length(page, length: int) -> None:
@@ -148,12 +159,12 @@ async def explore(page, url: str, log: SessionLog, deadline: float) -> None:
         started = time.monotonic()
         log.steps += 1
         await set_length(page, length)
-        shown = await shown_tokens(page)
+        wrong = await wait_for_tokens(page, length)
         log.step_seconds.append(time.monotonic() - started)
-        if shown == f"{length:,}":
+        if wrong is None:
             log.results += 1
         else:
-            log.lost.append(f"asked for {length} tokens, saw {shown!r}")
+            log.lost.append(f"asked for {length} tokens, saw {wrong!r} after {TIMEOUT_MS // 1000} s")
         log.errors += await page_errors(page)
         step += 1
         if step % 3 == 0 and time.monotonic() < deadline:
