@@ -78,7 +78,11 @@ def switch_model(source: str) -> bool:
 
 def _load_session_model() -> cache.LoadedModel | None:
     if not st.session_state.get("ckpt"):
-        st.session_state["ckpt"] = default_source()
+        try:
+            st.session_state["ckpt"] = default_source()
+        except FileNotFoundError as err:  # no shipped checkpoint at all: the Model page can still upload one
+            st.warning(str(err))
+            return None
     source = st.session_state["ckpt"]
     choice = device_choice()
     try:
@@ -86,7 +90,10 @@ def _load_session_model() -> cache.LoadedModel | None:
     except Exception as err:  # any failed load must leave the app serving; the message says what broke
         st.error(f"Could not open checkpoint **{cache.source_label(source)}**: {err}")
         # Fall back to the last model that worked in this session, else the default one.
-        fallback = st.session_state.get(_LAST_GOOD) or default_source()
+        try:
+            fallback = st.session_state.get(_LAST_GOOD) or default_source()
+        except FileNotFoundError:
+            return None
         if fallback == source:
             return None
         st.session_state["ckpt"] = fallback

@@ -315,3 +315,18 @@ def test_the_trace_download_is_a_trace_file_of_the_input(tmp_path):
     trace = ModelTrace.load(tmp_path / "t.npz")
     assert trace.token_ids.tolist() == list(ids)
     assert len(trace.layers) == 2 and trace.layers[0].gates.shape == (100, 4, 3)
+
+
+def test_without_any_shipped_checkpoint_the_app_still_serves_and_takes_an_upload(monkeypatch, tmp_path):
+    monkeypatch.setenv(launch.ENV_DEVICE, "cpu")
+    monkeypatch.setenv("NSA_SAMPLE_MODELS", str(tmp_path / "none"))
+    monkeypatch.delenv(launch.ENV_CHECKPOINT, raising=False)
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.run()
+    assert not app.exception and app.warning
+    app.switch_page("views/model.py").run()
+    assert not app.exception
+    app.file_uploader(key="upload_pick").set_value(
+        ("tiny.safetensors", _tiny_checkpoint_bytes(tmp_path), "application/octet-stream")
+    ).run()
+    assert not _errors(app) and app.session_state["ckpt"].startswith(cache.UPLOAD)

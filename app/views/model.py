@@ -32,15 +32,16 @@ shipped, server, upload = st.tabs(["Shipped samples", "Server path", "Upload"])
 with shipped:
     names = cache.sample_names()
     current = st.session_state.get("ckpt", "")
-    index = (
-        names.index(current[len(cache.SAMPLE) :])
-        if current.startswith(cache.SAMPLE) and current[len(cache.SAMPLE) :] in names
-        else 0
-    )
-    name = st.selectbox("Sample model", names, index=index, key="sample_pick")
-    st.caption(cache.describe_sample(name))
-    if st.button("Open sample", key="open_sample", type="primary") and session.switch_model(cache.SAMPLE + name):
-        st.rerun()
+    if not names:
+        st.info("No shipped checkpoint was found on this server; open one by path or upload a file.")
+    else:
+        picked = current[len(cache.SAMPLE) :] if current.startswith(cache.SAMPLE) else None
+        name = st.selectbox(
+            "Sample model", names, index=names.index(picked) if picked in names else 0, key="sample_pick"
+        )
+        st.caption(cache.describe_sample(name))
+        if st.button("Open sample", key="open_sample", type="primary") and session.switch_model(cache.SAMPLE + name):
+            st.rerun()
 with server:
     roots = cache.allowed_roots()
     st.caption(
