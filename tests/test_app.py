@@ -330,3 +330,14 @@ def test_without_any_shipped_checkpoint_the_app_still_serves_and_takes_an_upload
         ("tiny.safetensors", _tiny_checkpoint_bytes(tmp_path), "application/octet-stream")
     ).run()
     assert not _errors(app) and app.session_state["ckpt"].startswith(cache.UPLOAD)
+
+
+def test_a_dense_model_opens_and_its_pages_say_what_it_lacks(monkeypatch):
+    monkeypatch.setenv(launch.ENV_DEVICE, "cpu")
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.query_params["ckpt"] = "sample:dense-tiny"
+    app.run()
+    assert not _errors(app)
+    assert any("uses dense attention" in i.value for i in app.info)
+    app.switch_page("views/gates.py").run()
+    assert not _errors(app) and any("has no gates" in i.value for i in app.info)
