@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-SESSION_TTL_S = 5  # how long the server keeps a disconnected session (Streamlit's default is 120)
+SESSION_TTL_S = 30  # how long the server keeps a disconnected session (Streamlit's default is 120)
 TIMEOUT_MS = 180_000  # one step on a busy 2-core machine: 8 sessions share its CPU
 # Input lengths the sessions cycle through: more than the trace cache holds (8), so runs keep happening.
 LENGTHS = tuple(range(64, 64 + 16 * 12, 16))
@@ -61,11 +61,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int) -> subprocess.Popen:
+def start_server(port: int, log_path: str | None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), STREAMLIT_SERVER_DISCONNECTED_SESSION_TTL=str(SESSION_TTL_S))
+    # The log file stays open as long as the server writes to it.
+    log = open(log_path, "w", encoding="utf-8") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "nsa_core.cli", "app", "--port", str(port), "--address",
                              "127.0.0.1", "--headless", "--device", "cpu"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -149,6 +151,18 @@ async def set_length(page, length: int) -> None:
     await settle(page)
 
 
+async def back_on_explorer(page, length: int, log: SessionLog) -> None:
+    """After a page switch or a reload the Explorer must show the session's last input again (the input
+    panel keeps it across pages; a reload restores it from the URL): otherwise the result is lost."""
+    log.steps += 1
+    wrong = await wait_for_tokens(page, length)
+    if wrong is None:
+        log.results += 1
+    else:
+        log.lost.append(f"back on the Explorer with {length} tokens, saw {wrong!r} after {TIMEOUT_MS // 1000} s")
+    log.errors += await page_errors(page)
+
+
 async def explore(page, url: str, log: SessionLog, deadline: float) -> None:
     """One session's loop: its own lengths, page visits, reloads, until the deadline."""
     await page.goto(f"{url}/?tokens={LENGTHS[log.index % len(LENGTHS)]}")
@@ -169,13 +183,14 @@ async def explore(page, url: str, log: SessionLog, deadline: float) -> None:
         step += 1
         if step % 3 == 0 and time.monotonic() < deadline:
             await page.get_by_role("link", name="Gates").first.click()
+            await page.get_by_role("heading", name="Gates", exact=True).wait_for()
             await settle(page)
             log.errors += await page_errors(page)
             await page.get_by_role("link", name="Explorer").first.click()
-            await settle(page)
+            await back_on_explorer(page, length, log)
         if step % 5 == 0 and time.monotonic() < deadline:
             await page.reload()
-            await settle(page)
+            await back_on_explorer(page, length, log)
 
 
 async def run_session(browser, url: str, log: SessionLog, deadline: float) -> None:
@@ -198,7 +213,7 @@ async def load(url: str, server_pid: int, warm_logs: list[SessionLog], logs: lis
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         started = time.monotonic()
         await asyncio.gather(*(run_session(browser, url, log, started + warm_seconds) for log in warm_logs))
-        await asyncio.sleep(3 * SESSION_TTL_S)  # the warm-up sessions expire
+        await asyncio.sleep(2 * SESSION_TTL_S)  # the warm-up sessions expire
         baseline = tree_rss(server_pid)
         sampler = Sampler(server_pid)
         sampler.start()
@@ -208,7 +223,7 @@ async def load(url: str, server_pid: int, warm_logs: list[SessionLog], logs: lis
         sampler.stop.set()
         sampler.join()
         await browser.close()
-    await asyncio.sleep(3 * SESSION_TTL_S)  # every session expires
+    await asyncio.sleep(2 * SESSION_TTL_S)  # every session expires
     return {"cold": cold, "baseline": baseline, "peak": sampler.peak, "after": tree_rss(server_pid), "elapsed": elapsed}
 
 
@@ -218,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="exploration time (a bound, not a target)")
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds of the same load before the baseline")
     parser.add_argument("--json", help="write the summary and per-session logs here")
+    parser.add_argument("--server-log", help="write the server's output here")
     args = parser.parse_args(argv)
     if not 1 <= args.sessions <= 32 or not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 600:
         parser.error("--sessions must be in 1..32, --seconds in (0, 600] and --warmup in [0, 600]")
     port = free_port()
-    server = start_server(port)
+    server = start_server(port, args.server_log)
     url = f"http://127.0.0.1:{port}"
     warm_logs = [SessionLog(i) for i in range(args.sessions)]
     logs = [SessionLog(i) for i in range(args.sessions)]
