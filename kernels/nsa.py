@@ -4,8 +4,9 @@
 2. block selection: scores, remap, group sum, forced blocks and top-n in one kernel (select.py);
 3. selected branch (selected.py);
 4. sliding window with the gated sum of Eq. 5 fused into its epilogue (window.py).
-The sum's output is bit-identical with and without return_parts: the same kernel runs and only
-additionally stores o_win.
+The sum's output is bit-identical with and without return_parts: the same fused launch produces o,
+and return_parts only adds a separate window launch for o_win (a variant of the fused kernel that
+also stored o_win would compile differently and could round o differently).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from nsa_core.reference import NSAParts
 
 from .common import check_qkv, forward_only, query_starts, resolve_scale
-from .interval_attention import MODE_CMP, interval_attention
+from .interval_attention import MODE_CMP, MODE_WIN, interval_attention
 from .select import _select, check_selection_config
 from .selected import run_selected
 from .window import window_gated_sum
@@ -54,9 +55,9 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=N
         # 3. selected branch
         o_slc = run_selected(q, k, v, block_idx, pos0, slc_block=c.slc_block, scale=scale)
         # 4. sliding window, 5. gated sum
-        out = window_gated_sum(q, k_win, v_win, gates, o_cmp, o_slc, pos0, window=c.window, scale=scale,
-                               store_win=return_parts)
-    if not return_parts:
-        return out
-    o, o_win = out
+        o = window_gated_sum(q, k_win, v_win, gates, o_cmp, o_slc, pos0, window=c.window, scale=scale,
+                             store_win=False)
+        if not return_parts:
+            return o
+        o_win = interval_attention(q, k_win, v_win, pos0, mode=MODE_WIN, scale=scale, window=c.window)
     return NSAParts(o, o_cmp, o_slc, o_win, lse, block_idx)
