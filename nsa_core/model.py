@@ -106,12 +106,15 @@ class Attention(nn.Module):
         v = self.v_proj[name](x).unflatten(-1, (c.n_kv_head, c.v_head_dim))  # [B, T, H, Dv]
         return (apply_rope(k, positions, c.rope_theta) if rotate else k), v
 
-    def compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor):
-        """phi over un-rotated k/v [B, T, H, D]; each compressed key is rotated at its window start i*d."""
+    def compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor, *, first: int = 0):
+        """phi over un-rotated k/v [B, T, H, D] whose first window is compressed token `first`.
+
+        Each compressed key is rotated at its window start i*d.
+        """
         c = self.config
         k_cmp = self.k_compress(k_raw)  # [B, Tc, H, Dk]
         v_cmp = self.v_compress(v_raw)  # [B, Tc, H, Dv]
-        starts = torch.arange(k_cmp.shape[1], device=k_raw.device) * c.cmp_stride
+        starts = (torch.arange(k_cmp.shape[1], device=k_raw.device) + first) * c.cmp_stride
         return apply_rope(k_cmp, starts, c.rope_theta), v_cmp
 
     def inputs(self, x: torch.Tensor, positions: torch.Tensor) -> AttentionInputs:
@@ -185,7 +188,7 @@ class Attention(nn.Module):
             # Windows done..total-1 start at i*d; the staging buffer begins at absolute position staged_from.
             lo = done * c.cmp_stride - staged_from
             hi = (total - 1) * c.cmp_stride + c.cmp_block - staged_from
-            k_new, v_new = self._compress_range(sk[:, lo:hi], sv[:, lo:hi], first=done)
+            k_new, v_new = self.compress(sk[:, lo:hi], sv[:, lo:hi], first=done)
             cache.k_cmp = k_new if cache.k_cmp is None else torch.cat([cache.k_cmp, k_new], 1)
             cache.v_cmp = v_new if cache.v_cmp is None else torch.cat([cache.v_cmp, v_new], 1)
         elif cache.k_cmp is None:
@@ -194,12 +197,6 @@ class Attention(nn.Module):
         # Keep only what the next windows can still read: from the start of window `total` on.
         keep_from = total * c.cmp_stride - staged_from
         cache.staging_k, cache.staging_v = sk[:, keep_from:], sv[:, keep_from:]
-
-    def _compress_range(self, k_raw: torch.Tensor, v_raw: torch.Tensor, *, first: int):
-        c = self.config
-        k_cmp, v_cmp = self.k_compress(k_raw), self.v_compress(v_raw)
-        starts = (torch.arange(k_cmp.shape[1], device=k_raw.device) + first) * c.cmp_stride
-        return apply_rope(k_cmp, starts, c.rope_theta), v_cmp
 
 
 class Block(nn.Module):

@@ -149,22 +149,26 @@ def test_a_url_naming_a_path_outside_the_roots_is_refused_and_the_default_opens(
     assert app.title[0].value == "Explorer"
 
 
+# A one-layer model small enough to build, save and run in well under a second.
+TINY_CONFIG = NSAConfig(
+    d_model=32,
+    n_layer=1,
+    n_head=2,
+    n_kv_head=1,
+    head_dim=16,
+    v_head_dim=16,
+    mlp_hidden=64,
+    cmp_block=16,
+    cmp_stride=8,
+    slc_block=16,
+    top_n=4,
+    window=32,
+    cmp_mlp_hidden=16,
+)
+
+
 def _tiny_checkpoint_bytes(tmp_path: Path) -> bytes:
-    config = NSAConfig(
-        d_model=32,
-        n_layer=1,
-        n_head=2,
-        n_kv_head=1,
-        head_dim=16,
-        v_head_dim=16,
-        mlp_hidden=64,
-        cmp_block=16,
-        cmp_stride=8,
-        slc_block=16,
-        top_n=4,
-        window=32,
-        cmp_mlp_hidden=16,
-    )
+    config = TINY_CONFIG
     path = checkpoint.save_single_file(NSALM(config), tmp_path / "tiny.safetensors")
     return path.read_bytes()
 
@@ -265,21 +269,7 @@ def test_launcher_builds_the_streamlit_command_and_environment(tmp_path):
 
 
 def test_live_benchmark_times_both_sides_on_the_cpu_reference():
-    config = NSAConfig(
-        d_model=32,
-        n_layer=1,
-        n_head=2,
-        n_kv_head=1,
-        head_dim=16,
-        v_head_dim=16,
-        mlp_hidden=64,
-        cmp_block=16,
-        cmp_stride=8,
-        slc_block=16,
-        top_n=4,
-        window=32,
-        cmp_mlp_hidden=16,
-    )
+    config = TINY_CONFIG
     calls = []
     rows = live_bench.run(
         reference,
