@@ -20,7 +20,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\ncommands:")
+        print(__doc__.splitlines()[0] + "\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:<7} {help_text}")
         return 0
