@@ -10,7 +10,7 @@ hide several named keys and ask for each. The same templates drive the NIAH harn
 the shipped models are evaluated on exactly the format they were trained on.
 
 Training rows are fixed-length token windows packed with tasks of varying length: a curriculum
-raises the longest task length over training, so retrieval is learned at short range first.
+raises the longest task length in stages, so retrieval is learned at short range first.
 """
 
 from __future__ import annotations
@@ -188,12 +188,19 @@ def sample_task(corpus: np.ndarray, length: int, rng: np.random.Generator, *, mu
 
 @dataclass(frozen=True, kw_only=True)
 class TaskMix:
-    """How training rows are filled. Lengths are in tokens; the longest task grows over training."""
+    """How training rows are filled. Lengths are in tokens; the longest task grows over training.
+
+    The curriculum moves through stages whose longest task doubles from min_task_len up to
+    seq_len + 1. A stage is reached either when training asks for it (the trainer advances once the
+    answers at the current stage are right often enough, `Recipe.curriculum_gate`) or when its share of
+    the first curriculum_frac of training has passed, whichever comes first, so a run that never
+    learns to retrieve still ends at full length.
+    """
 
     seq_len: int
     min_task_len: int = 512
     multi_key_prob: float = 0.3
-    curriculum_frac: float = 0.4  # fraction of training over which the longest task grows to seq_len
+    curriculum_frac: float = 0.4  # fraction of training by which the last stage is reached at the latest
 
     def __post_init__(self) -> None:
         if self.min_task_len < 256 or self.min_task_len > self.seq_len:
@@ -201,19 +208,34 @@ class TaskMix:
         if not 0.0 <= self.multi_key_prob <= 1.0 or not 0.0 <= self.curriculum_frac <= 1.0:
             raise ValueError("multi_key_prob and curriculum_frac must be in [0, 1]")
 
-    def max_task_len(self, progress: float) -> int:
-        """Longest task at training progress in [0, 1]: geometric from min_task_len up to seq_len + 1."""
+    @property
+    def stage_lengths(self) -> list[int]:
+        """Longest task of each stage: min_task_len, doubling, then seq_len + 1 (a whole row)."""
         top = self.seq_len + 1
+        lengths = [self.min_task_len]
+        while lengths[-1] * 2 < self.seq_len:
+            lengths.append(lengths[-1] * 2)
+        return lengths + [top] if lengths[-1] < top else lengths
+
+    def scheduled_stage(self, progress: float) -> int:
+        """The stage training must have reached by `progress` in [0, 1]: evenly spread over curriculum_frac."""
+        last = len(self.stage_lengths) - 1
         if self.curriculum_frac == 0 or progress >= self.curriculum_frac:
-            return top
-        frac = progress / self.curriculum_frac
-        return int(round(math.exp(math.log(self.min_task_len) + frac * (math.log(top) - math.log(self.min_task_len)))))
+            return last
+        return min(last, int(progress / self.curriculum_frac * (last + 1)))
+
+    def stage_at(self, progress: float, earned: int = 0) -> int:
+        """The stage in force: the one earned by accuracy, or the scheduled one if that is further."""
+        return max(min(earned, len(self.stage_lengths) - 1), self.scheduled_stage(progress))
+
+    def max_task_len(self, stage: int) -> int:
+        return self.stage_lengths[stage]
 
 
-def training_row(corpus: np.ndarray, mix: TaskMix, progress: float, rng: np.random.Generator) -> Task:
-    """seq_len + 1 tokens packed with tasks of log-uniform length in [min_task_len, max_task_len(progress)]."""
+def training_row(corpus: np.ndarray, mix: TaskMix, stage: int, rng: np.random.Generator) -> Task:
+    """seq_len + 1 tokens packed with tasks of log-uniform length in [min_task_len, max_task_len(stage)]."""
     total = mix.seq_len + 1
-    hi = mix.max_task_len(progress)
+    hi = mix.max_task_len(stage)
     ids: list[int] = []
     mask: list[bool] = []
     while total - len(ids) >= mix.min_task_len:
@@ -231,11 +253,11 @@ def training_row(corpus: np.ndarray, mix: TaskMix, progress: float, rng: np.rand
     return Task(ids, mask)
 
 
-def training_batch(corpus: np.ndarray, mix: TaskMix, *, batch_size: int, progress: float, seed: int, rank: int,
+def training_batch(corpus: np.ndarray, mix: TaskMix, *, batch_size: int, stage: int, seed: int, rank: int,
                    step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs [B, T], targets [B, T], answer [B, T] bool): deterministic in (seed, rank, step)."""
+    """(inputs [B, T], targets [B, T], answer [B, T] bool): deterministic in (stage, seed, rank, step)."""
     rng = np.random.default_rng([seed, rank, step])
-    rows = [training_row(corpus, mix, progress, rng) for _ in range(batch_size)]
+    rows = [training_row(corpus, mix, stage, rng) for _ in range(batch_size)]
     ids = torch.tensor([r.ids for r in rows], dtype=torch.long)  # [B, T + 1]
     answer = torch.tensor([r.answer_mask for r in rows], dtype=torch.bool)  # [B, T + 1]
     return ids[:, :-1], ids[:, 1:], answer[:, 1:]

@@ -2,11 +2,12 @@
 
 Same math and `nsa_attention` signature as `reference.nsa_attention` for whole sequences (q_start 0):
 the three branches become FlexAttention calls with mask functions (compressed: i*d + l - 1 <= t;
-selected: the query's selected blocks, causally; window: t - w < s <= t), and the top-n selection
-reuses the reference's `importance_scores` / `top_n_blocks` on the compressed branch's lse, since no
-gradient flows through the selection. FlexAttention keeps no T x T score matrix and skips the key
-tiles no query of a query tile needs, which is what makes 16k-token training affordable while the
-Triton kernels are forward-only.
+selected: the query's selected blocks, causally; window: t - w < s <= t). FlexAttention keeps no
+T x T score matrix and skips the key tiles no query of a query tile needs, which is what makes
+16k-token training affordable while the Triton kernels are forward-only. No gradient flows through
+the top-n selection, so it runs on the compressed branch's lse through the forward-only Triton
+kernel where that can run (`kernels.select_blocks`, which never stores the [T, Tc] score matrix,
+otherwise the largest intermediate of a 16k-token step) and through the reference elsewhere.
 
 The selection branch's block mask changes every step, so it is built from block_idx directly
 (`BlockMask.from_kv_blocks`) rather than by evaluating a mask function over the T x T grid; the
@@ -27,10 +28,13 @@ FLEX_BLOCK = 128
 class FlexNSA:
     """A drop-in `ops` object for NSALM's layers: only `nsa_attention` is provided (full sequences)."""
 
-    def __init__(self, *, compile: bool) -> None:
+    def __init__(self, *, compile: bool, triton_select: bool = False) -> None:
+        """triton_select: pick the top-n blocks with `kernels.select_blocks` (a CUDA device, or Triton's
+        interpreter in tests; same math as the reference)."""
         # Eager FlexAttention materialises the scores (fine for tests on a CPU); compiled it is a fused kernel.
         self._flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
         self._static_masks: dict[tuple, BlockMask] = {}
+        self.triton_select = triton_select
 
     def nsa_attention(self, q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=None, k_win=None,
                       v_win=None, return_parts=False):
@@ -44,12 +48,25 @@ class FlexNSA:
         k_win = k if k_win is None else k_win
         v_win = v if v_win is None else v_win
         o_cmp, lse = self.compressed(q, k_cmp, v_cmp, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride, scale=scale)
-        block_idx = reference.select_blocks(q, k_cmp, lse, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
-                                            slc_block=c.slc_block, top_n=c.top_n, scale=scale,
-                                            init_blocks=c.init_blocks, local_blocks=c.local_blocks)
+        block_idx = self.select(q, k_cmp, lse, config=c, scale=scale)
         o_slc = self.selected(q, k, v, block_idx, slc_block=c.slc_block, scale=scale)
         o_win = self.window(q, k_win, v_win, window=c.window, scale=scale)
         return reference.gated_sum(gates, o_cmp, o_slc, o_win)
+
+    @torch.no_grad()
+    def select(self, q, k_cmp, lse, *, config, scale):
+        """Top-n block ids [B, T, H, n] from the compressed branch's scores (Eq. 8-12); no gradient."""
+        c = config
+        q, k_cmp, lse = q.detach(), k_cmp.detach(), lse.detach()
+        if self.triton_select:
+            import kernels  # the forward-only kernels: the selection has no gradient to give
+
+            return kernels.select_blocks(q, k_cmp.to(q.dtype), lse, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
+                                         slc_block=c.slc_block, top_n=c.top_n, scale=scale,
+                                         init_blocks=c.init_blocks, local_blocks=c.local_blocks)
+        return reference.select_blocks(q, k_cmp, lse, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
+                                       slc_block=c.slc_block, top_n=c.top_n, scale=scale,
+                                       init_blocks=c.init_blocks, local_blocks=c.local_blocks)
 
     def compressed(self, q, k_cmp, v_cmp, *, cmp_block, cmp_stride, scale):
         """-> o [B, T, HQ, Dv], lse [B, T, HQ] float32 (-inf on rows that see no compressed token)."""

@@ -20,6 +20,7 @@ checkpoint files (config.json, model.safetensors, README.md, metrics.json).
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import math
@@ -63,6 +64,12 @@ class Recipe:
     min_task_len: int = 512
     multi_key_prob: float = 0.3
     curriculum_frac: float = 0.4
+    # Advance the curriculum early once the answer-token accuracy, averaged over the last 3 logged steps
+    # (all processes), reaches this; None follows the schedule alone.
+    curriculum_gate: float | None = 0.9
+    # The step at which each stage after the first began, as a run recorded it. When given, the
+    # curriculum follows it exactly (gate and schedule unused), so a rerun, or a twin, sees the same data.
+    stage_starts: list[int] | None = None
     answer_weight: float = 4.0  # loss weight of answer tokens relative to text tokens
     # Optimisation.
     max_steps: int = 1000
@@ -89,6 +96,10 @@ class Recipe:
         for name in ("seq_len", "batch_size", "max_steps", "log_every", "ckpt_every", "eval_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.curriculum_gate is not None and not 0.0 < self.curriculum_gate <= 1.0:
+            raise ValueError(f"curriculum_gate must be in (0, 1] or null, got {self.curriculum_gate}")
+        if self.stage_starts is not None and list(self.stage_starts) != sorted(self.stage_starts):
+            raise ValueError(f"stage_starts must be ascending steps, got {self.stage_starts}")
         if self.time_budget_s is not None and self.calibrate_steps + 2 > self.warmup_steps:
             raise ValueError(f"calibrate_steps + 2 ({self.calibrate_steps + 2}) must be <= warmup_steps "
                              f"({self.warmup_steps}): the step count must be fixed before the decay starts")
@@ -169,9 +180,13 @@ def attention_ops(recipe: Recipe, device: torch.device):
         return reference, "reference"
     if device.type != "cuda":
         raise ValueError("attention_path 'flex' needs a CUDA device: FlexAttention has no CPU backward")
+    import kernels
+
     from .train_attention import FlexNSA
 
-    return FlexNSA(compile=True), "flex"
+    # Selection through the Triton kernel where it runs this config (autocast makes q bfloat16).
+    triton_select, _ = kernels.supports(recipe.config, device=device, dtype=torch.bfloat16)
+    return FlexNSA(compile=True, triton_select=triton_select), "flex + triton select" if triton_select else "flex"
 
 
 @dataclass
@@ -183,11 +198,13 @@ class TrainResult:
 
 
 def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | None = None, resume: bool = False,
-          progress: bool = True, corpus_root: str | Path | None = None, stop_after: int | None = None) -> TrainResult:
+          progress: bool = True, corpus_root: str | Path | None = None, stop_after: int | None = None,
+          stop_after_s: float | None = None) -> TrainResult:
     """Train per recipe into out_dir (see the module docstring); returns the model and its metrics.
 
-    stop_after: leave after this many steps of this call with the state saved (no evaluation, no
-    checkpoint), for runs split over several machine sessions; `resume=True` continues it.
+    stop_after / stop_after_s: leave after this many steps / seconds of this call with the state saved
+    (no evaluation, no checkpoint), for runs split over several machine sessions; `resume=True`
+    continues it.
     corpus_root: the standard-library folder to read (default: this Python's).
     """
     out_dir = Path(out_dir)
@@ -214,7 +231,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
                                    {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
 
-    start_step, max_steps, tokens, elapsed_before = 0, recipe.max_steps, 0, 0.0
+    start_step, max_steps, tokens, elapsed_before, earned_stage = 0, recipe.max_steps, 0, 0.0, 0
+    stage_starts: list[int] = []  # the step each stage after the first began in this run
     state_path = out_dir / STATE_FILE
     if resume:
         if not state_path.is_file():
@@ -224,6 +242,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         optimizer.load_state_dict(state["optimizer"])
         start_step, max_steps = int(state["step"]), int(state["max_steps"])
         tokens, elapsed_before = int(state["tokens"]), float(state["elapsed_s"])
+        earned_stage = int(state["stage"])
+        stage_starts = [int(x) for x in state["stage_starts"]]
 
     corpus = data.stdlib_corpus("train", heldout_fraction=recipe.heldout_fraction, root=corpus_root)
     mix = recipe.task_mix
@@ -233,12 +253,19 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     calibrated = recipe.time_budget_s is None or resume
     step_times: list[float] = []
     t0 = time.perf_counter()
+    gate_history: list[float] = []
     step = start_step
     while step < max_steps and (stop_after is None or step - start_step < stop_after):
+        if stop_after_s is not None and _any_rank(time.perf_counter() - t0 >= stop_after_s, world, device):
+            break
         t_step = time.perf_counter()
-        inputs, targets, answer = data.training_batch(corpus, mix, batch_size=recipe.batch_size,
-                                                      progress=step / max_steps, seed=recipe.seed, rank=rank,
-                                                      step=step)
+        if recipe.stage_starts is None:
+            stage = mix.stage_at(step / max_steps, earned_stage)
+        else:
+            stage = min(bisect.bisect_right(recipe.stage_starts, step), len(mix.stage_lengths) - 1)
+        stage_starts += [step] * (stage - len(stage_starts))
+        inputs, targets, answer = data.training_batch(corpus, mix, batch_size=recipe.batch_size, stage=stage,
+                                                      seed=recipe.seed, rank=rank, step=step)
         inputs, targets, answer = (x.to(device, non_blocking=True) for x in (inputs, targets, answer))
         lr = lr_at(recipe, step, max_steps)
         for group in optimizer.param_groups:
@@ -261,9 +288,12 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
                 bar.total = max_steps
                 bar.refresh()
         if step % recipe.log_every == 0 or step == max_steps:
+            if recipe.stage_starts is None:
+                global_acc = _mean_over_ranks(answer_acc.detach(), world)
+                earned_stage = _gate(recipe.curriculum_gate, gate_history, global_acc, stage, earned_stage)
             record = {"step": step, "loss": round(loss.item(), 4), "text_loss": round(text_loss.item(), 4),
                       "answer_acc": round(answer_acc.item(), 4), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
-                      "tokens": tokens, "max_task_len": mix.max_task_len(step / max_steps),
+                      "tokens": tokens, "stage": stage, "max_task_len": mix.max_task_len(stage),
                       "tokens_per_s": round(inputs.numel() * world / step_times[-1]),
                       "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 2)}
             if log is not None:
@@ -275,16 +305,16 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
             bar.update(1)
         if step % recipe.ckpt_every == 0 and is_main:
             elapsed = elapsed_before + time.perf_counter() - t0
-            _save_state(state_path, model, optimizer, step, max_steps, tokens, elapsed)
+            _save_state(state_path, model, optimizer, step, max_steps, tokens, elapsed, earned_stage, stage_starts)
     train_seconds = elapsed_before + time.perf_counter() - t0
     replicas_identical = _replicas_identical(model) if world > 1 else None
     if bar is not None:
         bar.close()
     if log is not None:
         log.close()
-    final = recipe.replace(max_steps=max_steps, time_budget_s=None)
+    final = recipe.replace(max_steps=max_steps, time_budget_s=None, stage_starts=stage_starts)
     if is_main:
-        _save_state(state_path, model, optimizer, step, max_steps, tokens, train_seconds)
+        _save_state(state_path, model, optimizer, step, max_steps, tokens, train_seconds, earned_stage, stage_starts)
         (out_dir / RECIPE_FILE).write_text(final.to_json(), encoding="utf-8")
     if step < max_steps:  # stopped on request: the state is saved and --resume finishes the run
         return TrainResult(model.eval(), {}, final, out_dir)
@@ -355,8 +385,12 @@ def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah
         f"{recipe.heldout_fraction:.0%}), mixed with synthetic passkey retrieval: a 5-digit key hidden at a random "
         f"depth of real text and asked for at the end (`{data.QUESTION}` then `<sep>`, the answer ends with `<eos>`), "
         f"{recipe.multi_key_prob:.0%} of tasks with 2-4 named keys. Rows of {recipe.seq_len} tokens are packed with "
-        f"tasks whose longest length grows from {recipe.min_task_len} to {recipe.seq_len} tokens over the first "
-        f"{recipe.curriculum_frac:.0%} of training.",
+        f"tasks whose longest length doubles in stages from {recipe.min_task_len} to {recipe.seq_len} tokens"
+        + (f", each stage entered once the answer accuracy reaches {recipe.curriculum_gate:.0%}"
+           if recipe.curriculum_gate is not None else "")
+        + f" and at the latest over the first {recipe.curriculum_frac:.0%} of training"
+        + (f"; the stages began at steps {', '.join(map(str, recipe.stage_starts))}." if recipe.stage_starts
+           else "."),
         "",
         "## Training",
         "",
@@ -390,6 +424,42 @@ def _fit_steps(recipe: Recipe, step: int, max_steps: int, timed: list[float], el
     return fitted
 
 
+GATE_LOGS = 3  # logged steps whose mean answer accuracy the curriculum gate looks at
+
+
+def _gate(threshold: float | None, history: list[float], accuracy: float, stage: int, earned: int) -> int:
+    """The stage earned after one more logged accuracy at `stage`: one further once the last GATE_LOGS
+    accuracies, all taken at the current stage, average at least `threshold`. history is updated in place."""
+    if threshold is None:
+        return earned
+    if earned < stage:  # the schedule moved on: what was measured at the previous stage no longer counts
+        history.clear()
+        earned = stage
+    history.append(accuracy)
+    del history[:-GATE_LOGS]
+    if len(history) == GATE_LOGS and sum(history) / GATE_LOGS >= threshold:
+        history.clear()
+        return stage + 1
+    return earned
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.float().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= world
+    return float(value.item())
+
+
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether flag holds on any process, so that every process leaves the loop at the same step."""
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _replicas_identical(model: NSALM) -> bool:
     """Whether every rank holds bit-identical weights (DDP's promise), checked against rank 0's."""
     flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
@@ -407,10 +477,11 @@ def _rounded(model: NSALM, dtype: torch.dtype, keep: bool = False) -> NSALM:
     return copy.to(dtype) if keep else copy
 
 
-def _save_state(path: Path, model, optimizer, step, max_steps, tokens, elapsed) -> None:
+def _save_state(path: Path, model, optimizer, step, max_steps, tokens, elapsed, stage, stage_starts) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "max_steps": max_steps, "tokens": tokens, "elapsed_s": elapsed}, tmp)
+                "max_steps": max_steps, "tokens": tokens, "elapsed_s": elapsed, "stage": stage,
+                "stage_starts": torch.tensor(stage_starts, dtype=torch.long)}, tmp)
     os.replace(tmp, path)
 
 
@@ -457,6 +528,8 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true", help=f"continue from {STATE_FILE} in --out")
     parser.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
     parser.add_argument("--time-budget", type=float, help="override the recipe's time_budget_s (seconds)")
+    parser.add_argument("--stop-after-s", type=float,
+                        help="leave after this many seconds with the state saved; --resume continues")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--corpus-root", type=Path, help="standard-library folder to read (default: this Python's)")
     args = parser.parse_args(argv)
@@ -472,7 +545,7 @@ def cli(argv: list[str]) -> int:
         print(f"nsa-explorer train: {err}", file=sys.stderr)
         return 2
     result = train(recipe, args.out, device=args.device, resume=args.resume, progress=not args.no_progress,
-                   corpus_root=args.corpus_root)
+                   corpus_root=args.corpus_root, stop_after_s=args.stop_after_s)
     if result.metrics:
         print(json.dumps({k: result.metrics[k] for k in ("steps", "tokens", "train_seconds",
                                                           "heldout_loss_nats_per_byte")}))

@@ -1,13 +1,18 @@
-"""Train and evaluate the shipped twins, nsa-tiny and dense-tiny, in one GPU session.
+"""Train and evaluate the shipped twins, nsa-tiny and dense-tiny, in phases that fit GPU sessions.
 
-    python sample_models/build_samples.py --out DIR [--nsa-budget 200] [--niah-lengths 1024,...,32768]
+    python sample_models/build_samples.py check                      # FlexAttention path vs reference
+    torchrun --nproc_per_node=N -m nsa_core.cli train sample_models/nsa-tiny/recipe.json --out WORK/nsa-tiny \
+        --time-budget S [--stop-after-s S1] [--resume]                  # NSA first: its run fixes the steps
+    python sample_models/build_samples.py twin --work WORK            # WORK/dense-tiny.recipe.json
+    torchrun --nproc_per_node=N -m nsa_core.cli train WORK/dense-tiny.recipe.json --out WORK/dense-tiny
+    python sample_models/build_samples.py niah NAME --work WORK [--device cuda:1]   # one per GPU, in parallel
+    python sample_models/build_samples.py cards --work WORK --out OUT
 
-1. checks the FlexAttention training path against the reference (forward and gradients) on this GPU;
-2. trains nsa-tiny from sample_models/nsa-tiny/recipe.json within --nsa-budget seconds, which fixes
-   its step count; then dense-tiny from its recipe for exactly the same steps (same data and seed);
-3. runs the needle-in-a-haystack grid of both on held-out haystacks and writes niah.json;
-4. rewrites each model card with its grid and the twin's beside it.
-Each finished model folder is also packed as DIR/<name>.tar, so a run cut short still returns what it did.
+The dense twin's recipe is the NSA run's final recipe with the attention switched: the same steps and,
+through the recorded `stage_starts`, exactly the same batches, although the NSA run's curriculum was
+set by its own accuracy. `niah` sweeps context length x depth on held-out haystacks into
+WORK/NAME/niah.json; `cards` writes each model card with its grid and the twin's beside it, drops
+the optimizer state and packs each shipped folder as OUT/NAME.tar.
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nsa_core import data, niah, reference, training  # noqa: E402
-from nsa_core.checkpoint import save_pretrained  # noqa: E402
+from nsa_core.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 from nsa_core.config import NSAConfig  # noqa: E402
 from nsa_core.train_attention import FlexNSA  # noqa: E402
 
 NAMES = ("nsa-tiny", "dense-tiny")
+# What ships: the checkpoint, its recipe, NIAH results and training log (not the optimizer state).
+SHIPPED = ("config.json", "model.safetensors", "README.md", "metrics.json", "recipe.json", "niah.json",
+           "train_log.jsonl")
 
 
-def check_flex_path(device: torch.device) -> dict[str, float]:
+def check_flex_path(device: torch.device, triton_select: bool) -> dict[str, float]:
     """Relative error of the FlexAttention path against the float32 reference, output and input gradients."""
     c = NSAConfig(n_head=8, n_kv_head=2, head_dim=32, v_head_dim=32, top_n=4, window=128)
     B, T, H, HQ, D = 2, 1000, 2, 8, 32
@@ -42,7 +50,7 @@ def check_flex_path(device: torch.device) -> dict[str, float]:
     inputs = [torch.randn(s, device=device, generator=g, requires_grad=True) for s in shapes]
     inputs.append(torch.rand(B, T, HQ, 3, device=device, generator=g, requires_grad=True))
     ref = reference.nsa_attention(*inputs, config=c)
-    out = FlexNSA(compile=False).nsa_attention(*inputs, config=c)
+    out = FlexNSA(compile=False, triton_select=triton_select).nsa_attention(*inputs, config=c)
     w = torch.randn(ref.shape, device=device, generator=g)
     g_ref = torch.autograd.grad((ref * w).sum(), inputs)
     g_out = torch.autograd.grad((out * w).sum(), inputs)
@@ -52,12 +60,83 @@ def check_flex_path(device: torch.device) -> dict[str, float]:
     return errors
 
 
-# What ships: the checkpoint, its recipe, NIAH results and training log (not the optimizer state).
-SHIPPED = ("config.json", "model.safetensors", "README.md", "metrics.json", "recipe.json", "niah.json",
-           "train_log.jsonl")
+def check(args) -> int:
+    device = torch.device("cuda")
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name(device)}", flush=True)
+    worst = 0.0
+    for triton_select in (False, True):
+        errors = check_flex_path(device, triton_select)
+        worst = max(worst, *errors.values())
+        shown = json.dumps({k: f"{v:.2e}" for k, v in errors.items()})
+        print(f"flex path (triton select: {triton_select}) vs reference, relative error: {shown}", flush=True)
+    if worst > 1e-3:
+        print("the FlexAttention path disagrees with the reference", flush=True)
+        return 1
+    return 0
+
+
+def twin(args) -> int:
+    """The dense twin's recipe: the finished NSA run's recipe (steps, stage starts) with dense attention."""
+    nsa = training.Recipe.load(args.work / "nsa-tiny" / training.RECIPE_FILE)
+    if not nsa.stage_starts and nsa.stage_starts != []:
+        print("nsa-tiny's recipe has no recorded stage_starts: finish its run first", file=sys.stderr)
+        return 1
+    dense = nsa.replace(name="dense-tiny", model=dict(nsa.model, attention="dense"))
+    path = args.work / "dense-tiny.recipe.json"
+    path.write_text(dense.to_json(), encoding="utf-8")
+    print(f"wrote {path}: {dense.max_steps} steps, stage starts {dense.stage_starts}", flush=True)
+    return 0
+
+
+def run_niah(args) -> int:
+    """The NIAH grid of one trained model, length by length, stopping before a length that cannot finish."""
+    t_start = time.perf_counter()
+    folder = args.work / args.name
+    recipe = training.Recipe.load(folder / training.RECIPE_FILE)
+    model = load_pretrained(folder, device=args.device, dtype=torch.float32)
+    haystack = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction)
+    depths = niah.even_depths(args.depths)
+    parts, seconds = [], []
+    for length in [int(x) for x in args.lengths.split(",")]:
+        left = args.deadline - (time.perf_counter() - t_start)
+        # NSA prefill cost grows about linearly with length; stop before a length that cannot finish.
+        if seconds and left < 2.2 * seconds[-1] + 5:
+            print(f"{args.name}: skipping NIAH length {length} and above ({left:.0f} s left)", flush=True)
+            break
+        t0 = time.perf_counter()
+        trials = args.trials if length <= 16384 else args.long_trials
+        part = niah.sweep(model, haystack, lengths=[length], depths=depths, trials=trials,
+                          batch_size=args.batch, progress=False)
+        seconds.append(time.perf_counter() - t0)
+        parts.append(part)
+        print(f"{args.name} NIAH {length}: min {min(part['accuracy'][0]):.2f} mean "
+              f"{sum(part['accuracy'][0]) / len(depths):.2f} ({seconds[-1]:.1f} s)", flush=True)
+        niah.write_results(merge_sweeps(parts), folder / "niah.json")  # what is done so far survives a cut
+    return 0
+
+
+def cards(args) -> int:
+    """Each model card with both grids; the shipped weights are the trained checkpoint itself."""
+    grids = {name: json.loads((args.work / name / "niah.json").read_text()) for name in NAMES}
+    for name in NAMES:
+        folder = args.work / name
+        twin_name = NAMES[1 - NAMES.index(name)]
+        recipe = training.Recipe.load(folder / training.RECIPE_FILE)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["niah_min_accuracy_per_length"] = grids[name]["min_accuracy_per_length"]
+        model = load_pretrained(folder)  # stored dtype
+        section = niah_section(name, grids[name], twin_name, grids[twin_name])
+        card = training.training_card(model, recipe, metrics, niah_section=section,
+                                      command="see sample_models/build_samples.py (phases check, train, twin, niah, "
+                                              "cards)")
+        save_pretrained(model, folder, metrics=metrics, card=card)
+        (folder / training.STATE_FILE).unlink(missing_ok=True)
+        pack(folder, args.out)
+    return 0
 
 
 def pack(folder: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / f"{folder.name}.tar", "w") as tar:
         for name in SHIPPED:
             if (folder / name).is_file():
@@ -66,85 +145,25 @@ def pack(folder: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/nsa_samples"))
-    parser.add_argument("--nsa-budget", type=float, default=200.0, help="seconds of nsa-tiny training")
-    parser.add_argument("--max-steps", type=int, help="fixed step count instead of the budget (both models)")
-    parser.add_argument("--niah-lengths", default="1024,2048,4096,8192,16384,32768")
-    parser.add_argument("--niah-depths", type=int, default=10)
-    parser.add_argument("--niah-trials", type=int, default=20)
-    parser.add_argument("--niah-batch", type=int, default=20)
-    parser.add_argument("--niah-long-trials", type=int, default=10, help="trials per cell above 16384 tokens")
-    parser.add_argument("--deadline", type=float, default=560.0,
-                        help="seconds after start to stop starting NIAH lengths")
+    sub = parser.add_subparsers(dest="phase", required=True)
+    sub.add_parser("check", help="FlexAttention path against the reference on this GPU")
+    p = sub.add_parser("twin", help="write WORK/dense-tiny.recipe.json from the finished NSA run")
+    p.add_argument("--work", type=Path, required=True)
+    p = sub.add_parser("niah", help="the NIAH grid of WORK/NAME into WORK/NAME/niah.json")
+    p.add_argument("name", choices=NAMES)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
+    p.add_argument("--depths", type=int, default=10)
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--long-trials", type=int, default=10, help="trials per cell above 16384 tokens")
+    p.add_argument("--batch", type=int, default=20)
+    p.add_argument("--deadline", type=float, default=400.0, help="seconds after which no new length starts")
+    p = sub.add_parser("cards", help="model cards with both grids; pack the shipped folders into OUT")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    t_start = time.perf_counter()
-    device = torch.device("cuda")
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__} on {torch.cuda.get_device_name(device)}", flush=True)
-
-    errors = check_flex_path(device)
-    shown = json.dumps({k: f"{v:.2e}" for k, v in errors.items()})
-    print(f"flex path vs reference (relative error): {shown}", flush=True)
-    if max(errors.values()) > 1e-3:
-        print("the FlexAttention path disagrees with the reference: stopping", flush=True)
-        return 1
-
-    results = {}
-    steps = args.max_steps
-    for name in NAMES:
-        recipe = training.Recipe.load(ROOT / "sample_models" / name / "recipe.json")
-        if steps is None:
-            recipe = recipe.replace(time_budget_s=args.nsa_budget)
-        else:
-            recipe = recipe.replace(max_steps=steps, time_budget_s=None)
-        result = training.train(recipe, args.work / name, device=device, progress=False)
-        steps = result.recipe.max_steps
-        results[name] = result
-        print(f"{name}: {json.dumps(result.metrics)}", flush=True)
-        pack(args.work / name, args.out)
-
-    haystack = data.stdlib_corpus("heldout", heldout_fraction=results["nsa-tiny"].recipe.heldout_fraction)
-    lengths = [int(x) for x in args.niah_lengths.split(",")]
-    depths = niah.even_depths(args.niah_depths)
-    grids = {}
-    for name in NAMES:
-        model = results[name].model.to(device)
-        done_lengths, cells, seconds = [], [], []
-        for length in lengths:
-            left = args.deadline - (time.perf_counter() - t_start)
-            # NSA prefill cost grows about linearly with length; stop before a length that cannot finish.
-            if seconds and left < 2.2 * seconds[-1] + 5:
-                print(f"{name}: skipping NIAH length {length} and above ({left:.0f} s left)", flush=True)
-                break
-            t0 = time.perf_counter()
-            trials = args.niah_trials if length <= 16384 else args.niah_long_trials
-            part = niah.sweep(model, haystack, lengths=[length], depths=depths, trials=trials,
-                              batch_size=args.niah_batch, progress=False)
-            seconds.append(time.perf_counter() - t0)
-            done_lengths.append(length)
-            cells.append(part)
-            print(f"{name} NIAH {length}: min {min(part['accuracy'][0]):.2f} mean "
-                  f"{sum(part['accuracy'][0]) / len(depths):.2f} ({seconds[-1]:.1f} s)", flush=True)
-        grid = merge_sweeps(cells)
-        grids[name] = grid
-        niah.write_results(grid, args.work / name / "niah.json")
-        pack(args.work / name, args.out)
-
-    for name in NAMES:
-        twin = NAMES[1 - NAMES.index(name)]
-        result = results[name]
-        section = niah_section(name, grids[name], twin, grids.get(twin))
-        metrics = dict(result.metrics, niah_min_accuracy_per_length=grids[name]["min_accuracy_per_length"])
-        shipped = training._rounded(result.model, training.SAVE_DTYPES[result.recipe.save_dtype], keep=True)
-        card = training.training_card(shipped, result.recipe, metrics, niah_section=section,
-                                      command="python sample_models/build_samples.py --out DIR "
-                                              f"--nsa-budget {args.nsa_budget:g}")
-        save_pretrained(shipped.cpu(), args.work / name, metrics=metrics, card=card)
-        (args.work / name / "train_state.pt").unlink(missing_ok=True)
-        pack(args.work / name, args.out)
-    print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
-    return 0
+    return {"check": check, "twin": twin, "niah": run_niah, "cards": cards}[args.phase](args)
 
 
 def merge_sweeps(parts: list[dict]) -> dict:

@@ -76,22 +76,37 @@ def test_sample_task_has_exact_length(corpus, length):
         assert task.ids[0] == tokenizer.BOS and task.ids[-1] == tokenizer.EOS
 
 
-def test_curriculum_grows_to_the_row_length():
+def test_curriculum_stages_double_up_to_the_row_length():
     mix = data.TaskMix(seq_len=4096, min_task_len=512, curriculum_frac=0.5)
-    lengths = [mix.max_task_len(p) for p in np.linspace(0, 1, 11)]
-    assert lengths[0] == 512 and lengths[-1] == 4097
-    assert all(a <= b for a, b in zip(lengths, lengths[1:], strict=False))
+    assert mix.stage_lengths == [512, 1024, 2048, 4097]
+    scheduled = [mix.scheduled_stage(p) for p in np.linspace(0, 1, 21)]
+    assert scheduled[0] == 0 and scheduled[10:] == [3] * 11  # the last stage by curriculum_frac
+    assert all(a <= b for a, b in zip(scheduled, scheduled[1:], strict=False))
+    # A stage earned early is kept; the schedule still moves a slow run on; never past the last stage.
+    assert mix.stage_at(0.0, earned=2) == 2 and mix.stage_at(0.3, earned=0) == mix.scheduled_stage(0.3) > 0
+    assert mix.stage_at(0.0, earned=9) == 3 and mix.max_task_len(3) == 4097
+    assert data.TaskMix(seq_len=1024, min_task_len=1024).stage_lengths == [1024, 1025]
     with pytest.raises(ValueError, match="min_task_len"):
         data.TaskMix(seq_len=1000, min_task_len=2000)
 
 
+def test_rows_never_hold_a_task_longer_than_the_stage_allows(corpus):
+    mix = data.TaskMix(seq_len=4096, min_task_len=256)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        row = data.training_row(corpus, mix, 0, rng)
+        bos = [i for i, t in enumerate(row.ids) if t == tokenizer.BOS] + [len(row.ids)]
+        # Stage 0 tasks are exactly min_task_len long (the last one may stretch to fill the row).
+        assert all(b - a == 256 for a, b in zip(bos[:-2], bos[1:-1], strict=True))
+
+
 def test_training_batch_is_deterministic_and_answers_follow_sep(corpus):
     mix = data.TaskMix(seq_len=1024, min_task_len=256)
-    x, y, answer = data.training_batch(corpus, mix, batch_size=2, progress=0.0, seed=3, rank=0, step=5)
+    x, y, answer = data.training_batch(corpus, mix, batch_size=2, stage=0, seed=3, rank=0, step=5)
     assert x.shape == y.shape == answer.shape == (2, 1024)
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
-    x2, _, _ = data.training_batch(corpus, mix, batch_size=2, progress=0.0, seed=3, rank=0, step=5)
-    other_rank, _, _ = data.training_batch(corpus, mix, batch_size=2, progress=0.0, seed=3, rank=1, step=5)
+    x2, _, _ = data.training_batch(corpus, mix, batch_size=2, stage=0, seed=3, rank=0, step=5)
+    other_rank, _, _ = data.training_batch(corpus, mix, batch_size=2, stage=0, seed=3, rank=1, step=5)
     assert torch.equal(x, x2) and not torch.equal(x, other_rank)
     # Every answer run starts right after <sep> and ends with <eos>; short tasks pack several per row.
     for row in range(2):

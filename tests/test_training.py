@@ -65,6 +65,32 @@ def test_time_budget_fixes_the_step_count():
     assert training._fit_steps(recipe, 6, 15, [0.5] * 4, 2.0, world=1) == 15  # never beyond max_steps
 
 
+def test_curriculum_gate_advances_on_sustained_accuracy_only():
+    history: list[float] = []
+    earned = 0
+    for acc in (0.95, 0.5, 0.95, 0.95):  # one bad log point in the last three holds the stage
+        earned = training._gate(0.9, history, acc, stage=0, earned=earned)
+        assert earned == 0
+    assert training._gate(0.9, history, 0.95, stage=0, earned=earned) == 1 and history == []
+    # What was measured before the schedule moved the run on does not count at the new stage.
+    history[:] = [0.99, 0.99]
+    assert training._gate(0.9, history, 0.99, stage=3, earned=1) == 3 and history == [0.99]
+    assert training._gate(None, [], 1.0, stage=0, earned=0) == 0
+    with pytest.raises(ValueError, match="curriculum_gate"):
+        tiny_recipe(curriculum_gate=1.5)
+
+
+def test_a_time_limit_leaves_with_the_state_saved(tmp_path, corpus_root):
+    part = training.train(tiny_recipe(max_steps=4), tmp_path / "run", device="cpu", progress=False,
+                          corpus_root=corpus_root, stop_after_s=0.0)
+    assert part.metrics == {} and not (tmp_path / "run" / "model.safetensors").exists()
+    state = torch.load(tmp_path / "run" / training.STATE_FILE, weights_only=True)
+    assert state["step"] == 0 and state["stage"] == 0
+    done = training.train(tiny_recipe(max_steps=4), tmp_path / "run", device="cpu", progress=False,
+                          corpus_root=corpus_root, resume=True)
+    assert done.metrics["steps"] == 4
+
+
 def test_a_few_cpu_steps_lower_the_heldout_loss(tmp_path, corpus_root):
     recipe = tiny_recipe(max_steps=5)
     heldout = data.stdlib_corpus("heldout", heldout_fraction=0.5, root=corpus_root)
@@ -79,7 +105,9 @@ def test_a_few_cpu_steps_lower_the_heldout_loss(tmp_path, corpus_root):
     # The checkpoint written next to the recipe loads strictly and gives the evaluated weights.
     loaded = load_pretrained(tmp_path / "run")
     assert torch.equal(loaded.lm_head.weight, result.model.lm_head.weight)
-    assert training.Recipe.load(tmp_path / "run" / training.RECIPE_FILE) == recipe
+    # The recipe written back records when each curriculum stage began, so a rerun sees the same data.
+    written = training.Recipe.load(tmp_path / "run" / training.RECIPE_FILE)
+    assert written == recipe.replace(stage_starts=written.stage_starts) and written.stage_starts == [1]
 
 
 def test_resume_continues_the_same_run(tmp_path, corpus_root):
@@ -138,26 +166,28 @@ def _flex_inputs(device, requires_grad):
 
 
 @torch.no_grad()
-def test_flex_attention_path_matches_the_reference_forward():
+@pytest.mark.parametrize("triton_select", [False, True], ids=["reference-select", "triton-select"])
+def test_flex_attention_path_matches_the_reference_forward(triton_select):
     from nsa_core import reference
     from nsa_core.train_attention import FlexNSA
 
     config, inputs = _flex_inputs("cpu", requires_grad=False)
     expected = reference.nsa_attention(*inputs, config=config)
-    actual = FlexNSA(compile=False).nsa_attention(*inputs, config=config)
+    actual = FlexNSA(compile=False, triton_select=triton_select).nsa_attention(*inputs, config=config)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="whole sequences"):
         FlexNSA(compile=False).nsa_attention(*inputs, config=config, q_start=5)
 
 
 @pytest.mark.gpu
-def test_flex_attention_path_matches_the_reference_gradients():
+@pytest.mark.parametrize("triton_select", [False, True], ids=["reference-select", "triton-select"])
+def test_flex_attention_path_matches_the_reference_gradients(triton_select):
     from nsa_core import reference
     from nsa_core.train_attention import FlexNSA
 
     config, inputs = _flex_inputs("cuda", requires_grad=True)
     expected = reference.nsa_attention(*inputs, config=config)
-    actual = FlexNSA(compile=True).nsa_attention(*inputs, config=config)
+    actual = FlexNSA(compile=True, triton_select=triton_select).nsa_attention(*inputs, config=config)
     weights = torch.randn_like(expected)
     for a, b in zip(torch.autograd.grad((actual * weights).sum(), inputs),
                     torch.autograd.grad((expected * weights).sum(), inputs), strict=True):
