@@ -1,6 +1,7 @@
 """NSA forward on the Triton kernels, per stage and whole, against dense attention and fla-core, on one GPU.
 
     python benchmarks/bench_attention.py [--lengths 8192 16384 32768 65536] [--shapes paper128 paper192 small]
+        [--tune 65536]
 
 One process, one card, random bfloat16 inputs, medians of triton.testing.do_bench. Shapes:
 paper128 (HQ=64, H=4, dim 128), paper192 (HQ=64, H=4, Dk=192, Dv=128, the paper's dims) and small
@@ -179,8 +180,21 @@ def tune(rows, errors, T):
         return _select(x["q"], x["kc"], x["lse"], x["pos0"], cmp_block=32, cmp_stride=16, slc_block=64, top_n=16,
                        scale=x["scale"], init_blocks=1, local_blocks=2)
 
-    chosen["select-merge"] = sweep("select-merge", narrow, [1, 2, 4, 8],
+    chosen["cmp-split"] = sweep("cmp-split", narrow + [("paper192", shapes["paper192"])], [True, False],
+                                lambda f: setattr(ia, "SPLIT_MASK", f), cmp)
+    chosen["select-remap"] = sweep("select-remap", narrow, [True, False],
+                                   lambda f: setattr(ks, "REMAP_FIRST", f), select)
+    chosen["select-launch"] = sweep("select-launch", narrow, [(128, 8, 2), (128, 4, 2), (256, 8, 2), (64, 4, 2)],
+                                    lambda c: setattr(ks, "SELECT_LAUNCH", c), select)
+    chosen["select-merge"] = sweep("select-merge", narrow, [1, 2, 4],
                                    lambda m: setattr(ks, "MERGE_BLOCKS", m), select)
+    x = shapes["paper128"]
+    x["idx"] = select(x)
+    chosen["slc-group"] = sweep(
+        "slc-group", [("paper128", x)], [(64, 4, 3), (64, 4, 4), (32, 4, 4), (64, 8, 3)],
+        lambda c: kslc.GROUP_LAUNCH.__setitem__("narrow", c),
+        lambda x: run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"],
+                               path="group"))
     x = shapes["small"]
     x["idx"] = select(x)
     chosen["slc-block-rows"] = sweep(

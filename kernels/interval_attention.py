@@ -44,6 +44,41 @@ def _row_interval(pos, TK, MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRI
     return lo, hi
 
 
+@triton.jit
+def _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
+          BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+          BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step over keys [start, start + BLOCK_N). MASKED = False: every row sees every key."""
+    n = start + tl.arange(0, BLOCK_N)  # [N]
+    n64 = n.to(tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    k_ptrs = k_base + n64[None, :] * skt + dk[:, None]
+    v_ptrs = v_base + n64[:, None] * svt + dv[None, :]
+    if MASKED:
+        n_ok = n < k_hi
+        kt = tl.load(k_ptrs, mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)
+        vt = tl.load(v_ptrs, mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    else:
+        kt = tl.load(k_ptrs, mask=dk[:, None] < DK, other=0.0) if BLOCK_DK > DK else tl.load(k_ptrs)
+        vt = tl.load(v_ptrs, mask=dv[None, :] < DV, other=0.0) if BLOCK_DV > DV else tl.load(v_ptrs)
+    s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, N]
+    if MASKED:
+        visible = (n[None, :] >= lo[:, None]) & (n[None, :] < hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; shifting by 0 then gives exp2(-inf) = 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+    return acc, m_new, l_i
+
+
 @triton.jit(do_not_specialize=["TQ", "TK", "WINDOW"])
 def _interval_attn_fwd_kernel(
     Q, K, V, O, LSE, POS0, GATES, O_CMP, O_SLC, O_WIN,
@@ -53,9 +88,11 @@ def _interval_attn_fwd_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     WRITE_LSE: tl.constexpr, FUSE_GATE: tl.constexpr, STORE_WIN: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     BT: tl.constexpr = BLOCK_R // G  # queries per program
-    pid_t = tl.program_id(0)
+    # Compressed rows see more keys the later they are: the longest tiles go first.
+    pid_t = tl.num_programs(0) - 1 - tl.program_id(0) if MODE == 0 else tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -89,23 +126,26 @@ def _interval_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
     k_base = K + b64 * skb + h * skh
     v_base = V + b64 * svb + h * svh
-    for start in range(k_lo, k_hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)  # [N]
-        n_ok = n < k_hi
-        n64 = n.to(tl.int64)
-        kt = tl.load(k_base + n64[None, :] * skt + dk[:, None], mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)
-        s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, N]
-        visible = (n[None, :] >= lo[:, None]) & (n[None, :] < hi[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps m = -inf; shifting by 0 then gives exp2(-inf) = 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + n64[:, None] * svt + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-        m_i = m_new
+    if SPLIT:
+        # Tiles inside every row's interval ([lo of the last query, hi of the first)) need no mask: a
+        # masked head, an unmasked body, a masked tail.
+        lo_last, _ = _row_interval(last, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW)
+        _, hi_first = _row_interval(first, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW)
+        body_lo = tl.minimum(k_lo + tl.cdiv(tl.maximum(lo_last - k_lo, 0), BLOCK_N) * BLOCK_N, k_hi)
+        body_hi = body_lo + (tl.maximum(hi_first - body_lo, 0) // BLOCK_N) * BLOCK_N
+        for start in range(k_lo, body_lo, BLOCK_N):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
+        for start in range(body_lo, body_hi, BLOCK_N):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False, PREC)
+        for start in range(body_hi, k_hi, BLOCK_N):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
+    else:
+        for start in range(k_lo, k_hi, BLOCK_N):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # [R, BDV]; empty rows stay exactly 0
@@ -131,6 +171,8 @@ def _interval_attn_fwd_kernel(
 # (BLOCK_R, BLOCK_N, num_warps, num_stages) on a GPU, for head dims up to 128 ("narrow") and above:
 # the fastest of the candidates that benchmarks/bench_attention.py --tune sweeps (H100, Triton 3.6).
 LAUNCH = {"narrow": (64, 64, 4, 3), "wide": (128, 64, 8, 2)}
+# Split each row tile's key loop into masked edges and an unmasked body (False: every tile masked).
+SPLIT_MASK = True
 
 
 def _launch_config(G: int, dk: int, dv: int, on_gpu: bool) -> tuple[int, int, int, int]:
@@ -173,7 +215,7 @@ def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1,
             G=G, BLOCK_R=block_r, BLOCK_N=block_n, DK=DK, DV=DV, BLOCK_DK=pow2(DK, 16), BLOCK_DV=pow2(DV, 16),
             MODE=mode, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
             WRITE_LSE=want_lse, FUSE_GATE=fuse, STORE_WIN=fuse and store_win, PREC=dot_precision(q.dtype),
-            num_warps=warps, num_stages=stages,
+            SPLIT=SPLIT_MASK, num_warps=warps, num_stages=stages,
         )
     out = [o]
     if want_lse:

@@ -37,6 +37,11 @@ from .common import LOG2E, check_qkv, dot_precision, forward_only, last_dim_cont
 # fastest on an H100 (the merge rounds shrink as the set improves); the interpreter uses 2 so that the
 # CPU tests exercise the multi-tile candidate list too.
 MERGE_BLOCKS = 1
+# Eq. 9 remap before the group sum, as one tensor-core product per (query, head) row (True), or the
+# group sum first on the [BT, BC] probabilities and the remap after it (False, the earlier kernel).
+REMAP_FIRST = True
+# (rows per program = BT * GP, num_warps, num_stages) on a GPU; rows drop to 64 for Dk or chunks over 128.
+SELECT_LAUNCH = (128, 8, 2)
 ID_BITS = 20  # block ids live in the low bits of the packed sort key
 MAX_BLOCKS = 1 << ID_BITS
 
@@ -49,7 +54,7 @@ def _select_blocks_kernel(
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
     TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, NM: tl.constexpr, BC: tl.constexpr,
-    INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, REMAP_FIRST: tl.constexpr,
 ):
     R: tl.constexpr = BT * GP
     PER_BLOCK: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
@@ -57,7 +62,8 @@ def _select_blocks_kernel(
     CHUNK: tl.constexpr = NB * PER_BLOCK  # compressed tokens starting in one chunk of NB blocks (<= BC)
     ID_MASK: tl.constexpr = (1 << 20) - 1  # 20 = ID_BITS
 
-    pid_t = tl.program_id(0)
+    # The work grows with the position: the longest tiles go first, so that the short ones fill the tail.
+    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -117,13 +123,21 @@ def _select_blocks_kernel(
             s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, BC]
             live = row_live[:, None] & i_ok[None, :] & (i[None, :] < seen_row[:, None])
             p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
-            p = tl.sum(tl.reshape(p, [BT, GP, BC]), 1)  # [BT, BC] group sum (Eq. 10)
-            if BT >= 16:
-                blk = tl.dot(p, w, input_precision="ieee")  # [BT, NB]
+            if REMAP_FIRST:
+                # Eq. 9 on the tensor cores for every (query, head) row, then the group sum on the
+                # NB-wide result: the reshape moves [R, NB] through shared memory instead of [R, BC].
+                x = tl.dot(p, w, input_precision=PREC)  # [R, NB]
+                blk = tl.sum(tl.reshape(x, [BT, GP, NB]), 1)  # [BT, NB] group sum (Eq. 10)
+                blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
+                carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], 1), [BT, GP]), 1)
             else:
-                blk = tl.sum(p[:, :, None] * w[None, :, :], 1)
-            blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
-            carry = tl.sum(p * w_next[None, :], 1)
+                p = tl.sum(tl.reshape(p, [BT, GP, BC]), 1)  # [BT, BC] group sum (Eq. 10)
+                if BT >= 16:
+                    blk = tl.dot(p, w, input_precision="ieee")  # [BT, NB]
+                else:
+                    blk = tl.sum(p[:, :, None] * w[None, :, :], 1)
+                blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
+                carry = tl.sum(p * w_next[None, :], 1)
 
             j = j0 + jl  # [NB] global block ids
             forced = (j[None, :] < INIT) | ((j[None, :] > cur[:, None] - LOCAL) & (j[None, :] <= cur[:, None]))
@@ -167,9 +181,10 @@ def _launch_config(G: int, dk: int, top_n: int, per_block: int, on_gpu: bool):
     bc = pow2(nb * per_block, 16)
     if not on_gpu:  # the interpreter pays per operation, not per element: few, large programs
         return gp, max(1, 64 // gp), nb, 2 * nb, bc, 4, 1
-    rows = 64 if max(pow2(dk), bc) > 128 else 128
+    rows, warps, stages = SELECT_LAUNCH
+    rows = min(rows, 64) if max(pow2(dk), bc) > 128 else rows
     bt = max(1, rows // gp)
-    return gp, bt, nb, MERGE_BLOCKS * nb, bc, 8, 2
+    return gp, bt, nb, MERGE_BLOCKS * nb, bc, warps, stages
 
 
 def select_blocks(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, top_n, scale=None, q_start=None,
@@ -223,6 +238,6 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
             lse.stride(0), lse.stride(1), lse.stride(2),
             G=G, GP=gp, BT=bt, DK=DK, BLOCK_DK=pow2(DK, 16), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
             SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, NM=nm, BC=bc, INIT=init_blocks,
-            LOCAL=local_blocks, PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+            LOCAL=local_blocks, PREC=dot_precision(q.dtype), REMAP_FIRST=REMAP_FIRST, num_warps=warps, num_stages=stages,
         )
     return idx

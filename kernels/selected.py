@@ -134,16 +134,20 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None):
     common = dict(G=G, DK=DK, DV=DV, BLOCK_DK=pow2(DK, 16), BLOCK_DV=pow2(DV, 16), SLC_BLOCK=slc_block,
                   BLOCK_N=block_n, PREC=dot_precision(q.dtype))
     if path == "group":
+        block_n, warps, stages = GROUP_LAUNCH["wide" if wide else "narrow"]
         _selected_group_kernel[(TQ, B * H)](
             q, k, v, block_idx, o, pos0, scale * LOG2E, TQ, TK, H,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
-            GP=pow2(G, 16), TOP_N=block_idx.shape[-1], num_warps=4, num_stages=3, **common,
+            GP=pow2(G, 16), TOP_N=block_idx.shape[-1], num_warps=warps, num_stages=stages,
+            **{**common, "BLOCK_N": min(pow2(slc_block, 16), block_n)},
         )
         return o
     return _run_block_centric(q, k, v, block_idx.contiguous(), pos0, o, scale, common)
 
 
+# Group path launch (BLOCK_N, num_warps, num_stages) for head dims up to 128 ("narrow") and above.
+GROUP_LAUNCH = {"narrow": (64, 4, 3), "wide": (32, 4, 3)}
 # Groups up to this size take the block-centric path by default.
 BLOCK_PATH_MAX_GROUP = 8
 # Rows (pairs x G) per block-centric program on a GPU: more pairs per program, fewer re-reads of a block.

@@ -100,6 +100,28 @@ def test_compressed_attention_only_empty_rows_and_offsets():
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
 
 
+@pytest.mark.parametrize("G", [1, 4])
+def test_long_intervals_take_the_unmasked_body(G, monkeypatch):
+    """Rows deep in the sequence see whole key tiles: the split loop (masked edges, unmasked body) gives
+    the reference, and the same bits as the loop that masks every tile."""
+    from kernels import interval_attention as ia
+
+    q, k, v = _qkv(2, 37, 300, 2, G)
+    k_cmp, v_cmp = _cmp_kv(2, 300, 2)
+    starts = torch.tensor([263, 180])
+    cmp = dict(cmp_block=L, cmp_stride=D_STRIDE, q_start=starts)
+    o, lse = kernels.compressed_attention(q, k_cmp, v_cmp, **cmp)
+    o_ref, lse_ref = ref.compressed_attention(q, k_cmp, v_cmp, **cmp)
+    _close(o, o_ref)
+    _close(lse, lse_ref)
+    win = kernels.window_attention(q, k, v, window=90, q_start=starts)
+    _close(win, ref.window_attention(q, k, v, window=90, q_start=starts))
+    monkeypatch.setattr(ia, "SPLIT_MASK", False)
+    o_all, lse_all = kernels.compressed_attention(q, k_cmp, v_cmp, **cmp)
+    assert torch.equal(o, o_all) and torch.equal(lse, lse_all)
+    assert torch.equal(win, kernels.window_attention(q, k, v, window=90, q_start=starts))
+
+
 @pytest.mark.parametrize("G", [1, 3, 4, 16])
 def test_select_blocks_matches_reference(G):
     q, _, _ = _qkv(1, 150, 150, 2, G)
