@@ -126,7 +126,12 @@ def _select_blocks_kernel(
             if REMAP_FIRST:
                 # Eq. 9 on the tensor cores for every (query, head) row, then the group sum on the
                 # NB-wide result: the reshape moves [R, NB] through shared memory instead of [R, BC].
-                x = tl.dot(p, w, input_precision=PREC)  # [R, NB]
+                if PREC == "ieee":
+                    x = tl.dot(p, w, input_precision="ieee")  # [R, NB]
+                else:
+                    # p in [0, 1] as float16 (the mantissa of tf32) stays in registers as the A operand,
+                    # like the P of flash attention; the weights are small integers, exact.
+                    x = tl.dot(p.to(tl.float16), w.to(tl.float16))
                 blk = tl.sum(tl.reshape(x, [BT, GP, NB]), 1)  # [BT, NB] group sum (Eq. 10)
                 blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
                 carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], 1), [BT, GP]), 1)
