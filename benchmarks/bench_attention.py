@@ -184,6 +184,8 @@ def tune(rows, errors, T):
                                 lambda f: setattr(ia, "SPLIT_MASK", f), cmp)
     chosen["select-remap"] = sweep("select-remap", narrow, [True, False],
                                    lambda f: setattr(ks, "REMAP_FIRST", f), select)
+    chosen["select-split"] = sweep("select-split", narrow, [True, False],
+                                   lambda f: setattr(ks, "SPLIT_MASK", f), select)
     chosen["select-launch"] = sweep("select-launch", narrow, [(128, 8, 2), (128, 4, 2), (256, 8, 2), (64, 4, 2)],
                                     lambda c: setattr(ks, "SELECT_LAUNCH", c), select)
     chosen["select-merge"] = sweep("select-merge", narrow, [1, 2, 4],

@@ -40,6 +40,8 @@ MERGE_BLOCKS = 1
 # Eq. 9 remap before the group sum, as one tensor-core product per (query, head) row (True), or the
 # group sum first on the [BT, BC] probabilities and the remap after it (False, the earlier kernel).
 REMAP_FIRST = True
+# Chunks that every row of a tile sees whole skip the visibility mask (False: every chunk masked).
+SPLIT_MASK = True
 # (rows per program = BT * GP, num_warps, num_stages) on a GPU; rows drop to 64 for Dk or chunks over 128.
 SELECT_LAUNCH = (128, 8, 2)
 ID_BITS = 20  # block ids live in the low bits of the packed sort key
@@ -55,6 +57,7 @@ def _select_blocks_kernel(
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
     TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, NM: tl.constexpr, BC: tl.constexpr,
     INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, REMAP_FIRST: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     R: tl.constexpr = BT * GP
     PER_BLOCK: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
@@ -85,6 +88,12 @@ def _select_blocks_kernel(
                   other=float("-inf")) * 1.4426950408889634
     row_live = row_ok & (lse > float("-inf"))
     lse = tl.where(row_live, lse, 0.0)
+    # Chunks whose compressed tokens every row of the tile sees need no mask: a dead row (no visible
+    # token, or padding) subtracts +inf instead, which gives p = 0.
+    lse_dead_inf = tl.where(row_live, lse, float("inf"))
+    first_pos = pos0 + t0
+    seen_all = tl.minimum(tl.where(first_pos + 1 >= CMP_BLOCK, (first_pos + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), TC)
+    seen_all_or_0 = seen_all if SPLIT else 0
 
     # Queries of this tile.
     tq = t0 + tl.arange(0, BT)
@@ -121,8 +130,11 @@ def _select_blocks_kernel(
             kt = tl.load(kc_base + i.to(tl.int64)[None, :] * skt + dk[:, None],
                          mask=i_ok[None, :] & (dk[:, None] < DK), other=0.0)  # [BDK, BC]
             s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, BC]
-            live = row_live[:, None] & i_ok[None, :] & (i[None, :] < seen_row[:, None])
-            p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
+            if j0 * PER_BLOCK + BC <= seen_all_or_0:
+                p = tl.exp2(s - lse_dead_inf[:, None])
+            else:
+                live = row_live[:, None] & i_ok[None, :] & (i[None, :] < seen_row[:, None])
+                p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
             if REMAP_FIRST:
                 # Eq. 9 on the tensor cores for every (query, head) row, then the group sum on the
                 # NB-wide result: the reshape moves [R, NB] through shared memory instead of [R, BC].
@@ -243,6 +255,7 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
             lse.stride(0), lse.stride(1), lse.stride(2),
             G=G, GP=gp, BT=bt, DK=DK, BLOCK_DK=pow2(DK, 16), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
             SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, NM=nm, BC=bc, INIT=init_blocks,
-            LOCAL=local_blocks, PREC=dot_precision(q.dtype), REMAP_FIRST=REMAP_FIRST, num_warps=warps, num_stages=stages,
+            LOCAL=local_blocks, PREC=dot_precision(q.dtype), REMAP_FIRST=REMAP_FIRST,
+            SPLIT=SPLIT_MASK, num_warps=warps, num_stages=stages,
         )
     return idx

@@ -151,8 +151,14 @@ def test_select_blocks_other_geometries(geometry):
     assert_same_selection(idx, idx_ref, scores, torch.arange(70)[None].expand(2, 70), slc_block=ls)
 
 
-def test_select_blocks_across_score_chunks_and_merges():
-    """80 selection blocks: several score tiles and top-n merges, and the overlap carried between tiles."""
+@pytest.mark.parametrize("variant", [(True, True), (False, False)], ids=["remap-first-split", "sum-first-masked"])
+def test_select_blocks_across_score_chunks_and_merges(variant, monkeypatch):
+    """80 selection blocks: several score tiles and top-n merges, and the overlap carried between tiles;
+    late tiles see whole chunks (the unmasked branch). Both kernel variants the benchmark can pick."""
+    from kernels import select as select_mod
+
+    monkeypatch.setattr(select_mod, "REMAP_FIRST", variant[0])
+    monkeypatch.setattr(select_mod, "SPLIT_MASK", variant[1])
     l, d, ls, n = 8, 4, 8, 6
     q, _, _ = _qkv(1, 640, 640, 1, 2)
     k_cmp = torch.randn(1, (640 - l) // d + 1, 1, 16)
