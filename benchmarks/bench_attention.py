@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kernels  # noqa: E402
 from kernels.common import query_starts  # noqa: E402
-from kernels.interval_attention import MODE_CMP, interval_attention  # noqa: E402
+from kernels.interval_attention import MODE_CMP, MODE_FORCED, interval_attention  # noqa: E402
 from kernels.select import _select  # noqa: E402
 from kernels.selected import run_selected  # noqa: E402
 from kernels.window import window_gated_sum  # noqa: E402
@@ -93,6 +93,16 @@ def run_shape(name, T, rows, errors):
         for path in ("group", "block"):
             record("slc", f"triton-{path}", lambda p=path: run_selected(q, k, v, idx, pos0, slc_block=64,
                                                                         scale=scale, path=p))
+
+        def forced():
+            return interval_attention(q, k, v, pos0, mode=MODE_FORCED, scale=scale, slc_block=64, init_blocks=1,
+                                      local_blocks=2, want_lse=True)
+
+        record("forced", "triton", forced)
+        for path in ("group", "block"):
+            # the selected branch with its forced blocks attended densely first (what nsa_attention runs)
+            record("slc+forced", f"triton-{path}", lambda p=path: run_selected(
+                q, k, v, idx, pos0, slc_block=64, scale=scale, path=p, forced=(*forced(), 1, 2)))
         record("win", "triton", lambda: kernels.window_attention(q, k, v, window=512))
         record("win+gate", "triton", lambda: window_gated_sum(q, k, v, gates, o_cmp, o_slc, pos0, window=512,
                                                               scale=scale, store_win=False))
@@ -125,6 +135,7 @@ def tune(rows, errors, T):
     over the shapes it serves, so one setting holds for all of them.
     """
     import kernels.interval_attention as ia
+    import kernels.nsa as knsa
     import kernels.select as ks
     import kernels.selected as kslc
 
@@ -197,6 +208,14 @@ def tune(rows, errors, T):
         lambda c: kslc.GROUP_LAUNCH.__setitem__("narrow", c),
         lambda x: run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"],
                                path="group"))
+    cfg = {name: NSAConfig(n_head=SHAPES[name][0], n_kv_head=SHAPES[name][1], head_dim=SHAPES[name][2],
+                           v_head_dim=SHAPES[name][3], **GEOMETRY) for name in ("paper128", "small")}
+    for name, x in narrow:
+        x["gates"] = torch.rand(*x["q"].shape[:3], 3, device="cuda", dtype=torch.bfloat16)
+    chosen["nsa-forced-dense"] = sweep(
+        "nsa-forced-dense", narrow, [True, False], lambda f: setattr(knsa, "FORCED_DENSE", f),
+        lambda x: kernels.nsa_attention(x["q"], x["k"], x["v"], x["kc"], x["vc"], x["gates"],
+                                        config=cfg["paper128" if x["q"].shape[2] == 64 else "small"]))
     x = shapes["small"]
     x["idx"] = select(x)
     chosen["slc-block-rows"] = sweep(

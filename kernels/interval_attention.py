@@ -29,17 +29,22 @@ from .common import LOG2E, dot_precision, last_dim_contiguous, pow2
 
 MODE_CMP = 0
 MODE_WIN = 1
+MODE_FORCED = 2
 
 
 @triton.jit
-def _row_interval(pos, TK, MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, WINDOW):
-    """Key interval [lo, hi) of a query at absolute position pos (any shape)."""
+def _row_interval(pos, TK, MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, WINDOW,
+                  SLC_BLOCK: tl.constexpr, LOCAL: tl.constexpr):
+    """Key interval [lo, hi) of a query at absolute position pos (any shape); MODE_FORCED: its local blocks."""
     if MODE == 0:
         seen = tl.where(pos + 1 >= CMP_BLOCK, (pos + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0)
         lo = tl.zeros_like(pos)
         hi = tl.minimum(seen, TK)
-    else:
+    elif MODE == 1:
         lo = tl.maximum(pos - WINDOW + 1, 0)
+        hi = tl.minimum(pos + 1, TK)
+    else:
+        lo = tl.maximum((pos // SLC_BLOCK - LOCAL + 1) * SLC_BLOCK, 0)
         hi = tl.minimum(pos + 1, TK)
     return lo, hi
 
@@ -47,8 +52,10 @@ def _row_interval(pos, TK, MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRI
 @triton.jit
 def _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
           BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-          BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step over keys [start, start + BLOCK_N). MASKED = False: every row sees every key."""
+          BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, FORCED_A: tl.constexpr = 0):
+    """One online-softmax step over keys [start, start + BLOCK_N). MASKED = False: every row sees every key.
+
+    A row sees key n iff lo <= n < hi, or (FORCED_A > 0) n < min(FORCED_A, hi)."""
     n = start + tl.arange(0, BLOCK_N)  # [N]
     n64 = n.to(tl.int64)
     dk = tl.arange(0, BLOCK_DK)
@@ -64,7 +71,10 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale
         vt = tl.load(v_ptrs, mask=dv[None, :] < DV, other=0.0) if BLOCK_DV > DV else tl.load(v_ptrs)
     s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, N]
     if MASKED:
-        visible = (n[None, :] >= lo[:, None]) & (n[None, :] < hi[:, None])
+        if FORCED_A > 0:
+            visible = ((n[None, :] >= lo[:, None]) | (n[None, :] < FORCED_A)) & (n[None, :] < hi[:, None])
+        else:
+            visible = (n[None, :] >= lo[:, None]) & (n[None, :] < hi[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; shifting by 0 then gives exp2(-inf) = 0, not NaN.
@@ -88,7 +98,7 @@ def _interval_attn_fwd_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     WRITE_LSE: tl.constexpr, FUSE_GATE: tl.constexpr, STORE_WIN: tl.constexpr, PREC: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, SLC_BLOCK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
 ):
     BT: tl.constexpr = BLOCK_R // G  # queries per program
     # Compressed rows see more keys the later they are: the longest tiles go first.
@@ -105,14 +115,14 @@ def _interval_attn_fwd_kernel(
     row_ok = (r < BT * G) & (t < TQ)
     pos0 = tl.load(POS0 + b)
     pos = pos0 + t  # [R] absolute positions
-    lo, hi = _row_interval(pos, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW)
+    lo, hi = _row_interval(pos, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW, SLC_BLOCK, LOCAL)
     hi = tl.where(row_ok, hi, 0)
 
     # Key range of the whole tile: rows are in position order, so first and last valid rows bound it.
     first = pos0 + t0
     last = pos0 + tl.minimum(t0 + BT, TQ) - 1
-    k_lo, _ = _row_interval(first, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW)
-    _, k_hi = _row_interval(last, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW)
+    k_lo, _ = _row_interval(first, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW, SLC_BLOCK, LOCAL)
+    _, k_hi = _row_interval(last, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW, SLC_BLOCK, LOCAL)
     k_lo = (k_lo // BLOCK_N) * BLOCK_N
 
     dk = tl.arange(0, BLOCK_DK)
@@ -129,8 +139,8 @@ def _interval_attn_fwd_kernel(
     if SPLIT:
         # Tiles inside every row's interval ([lo of the last query, hi of the first)) need no mask: a
         # masked head, an unmasked body, a masked tail.
-        lo_last, _ = _row_interval(last, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW)
-        _, hi_first = _row_interval(first, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW)
+        lo_last, _ = _row_interval(last, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW, SLC_BLOCK, LOCAL)
+        _, hi_first = _row_interval(first, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW, SLC_BLOCK, LOCAL)
         body_lo = tl.minimum(k_lo + tl.cdiv(tl.maximum(lo_last - k_lo, 0), BLOCK_N) * BLOCK_N, k_hi)
         body_hi = body_lo + (tl.maximum(hi_first - body_lo, 0) // BLOCK_N) * BLOCK_N
         for start in range(k_lo, body_lo, BLOCK_N):
@@ -142,6 +152,16 @@ def _interval_attn_fwd_kernel(
         for start in range(body_hi, k_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
                                   BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
+    elif MODE == 2:
+        # Forced blocks: the initial ones [0, INIT * l'), then the local ones; every tile is visited once.
+        FORCED_A: tl.constexpr = INIT * SLC_BLOCK
+        init_hi = tl.minimum(tl.cdiv(FORCED_A, BLOCK_N) * BLOCK_N, k_lo)
+        for start in range(0, init_hi, BLOCK_N):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A)
+        for start in range(k_lo, k_hi, BLOCK_N):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A)
     else:
         for start in range(k_lo, k_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
@@ -184,12 +204,14 @@ def _launch_config(G: int, dk: int, dv: int, on_gpu: bool) -> tuple[int, int, in
 
 
 def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1, window=1, want_lse=False,
-                       gates=None, o_cmp=None, o_slc=None, store_win=False):
+                       gates=None, o_cmp=None, o_slc=None, store_win=False, slc_block=1, init_blocks=0,
+                       local_blocks=0):
     """Launch the interval kernel.
 
     q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], pos0 [B] int64 absolute position of query 0.
     Returns o [B, TQ, HQ, Dv] (the gated sum when gates are given), then lse [B, TQ, HQ] float32 when
-    want_lse, then o_win when store_win.
+    want_lse, then o_win when store_win. MODE_FORCED attends to the forced selection blocks of each
+    query (the first init_blocks and the last local_blocks up to its own, keys <= its position).
     """
     B, TQ, HQ, DK = q.shape
     TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -215,7 +237,8 @@ def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1,
             G=G, BLOCK_R=block_r, BLOCK_N=block_n, DK=DK, DV=DV, BLOCK_DK=pow2(DK, 16), BLOCK_DV=pow2(DV, 16),
             MODE=mode, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
             WRITE_LSE=want_lse, FUSE_GATE=fuse, STORE_WIN=fuse and store_win, PREC=dot_precision(q.dtype),
-            SPLIT=SPLIT_MASK, num_warps=warps, num_stages=stages,
+            SPLIT=SPLIT_MASK and mode != MODE_FORCED, SLC_BLOCK=slc_block, INIT=init_blocks, LOCAL=local_blocks,
+            num_warps=warps, num_stages=stages,
         )
     out = [o]
     if want_lse:

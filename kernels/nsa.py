@@ -2,7 +2,7 @@
 
 1. compressed branch: o_cmp and its lse (interval kernel, MODE_CMP);
 2. block selection: scores, remap, group sum, forced blocks and top-n in one kernel (select.py);
-3. selected branch (selected.py);
+3. selected branch (selected.py), the forced blocks densely first (interval kernel, MODE_FORCED);
 4. sliding window with the gated sum of Eq. 5 fused into its epilogue (window.py).
 The sum's output is bit-identical with and without return_parts: the same fused launch produces o,
 and return_parts only adds a separate window launch for o_win (a variant of the fused kernel that
@@ -16,10 +16,15 @@ import torch
 from nsa_core.reference import NSAParts
 
 from .common import check_qkv, forward_only, query_starts, resolve_scale
-from .interval_attention import MODE_CMP, MODE_WIN, interval_attention
+from .interval_attention import MODE_CMP, MODE_FORCED, MODE_WIN, interval_attention
 from .select import _select, check_selection_config
 from .selected import run_selected
 from .window import window_gated_sum
+
+# The forced blocks (the first init_blocks and the local_blocks ending at the query's own) are shared by
+# neighbouring queries: attend to them in one dense interval-kernel launch (MODE_FORCED) whose softmax
+# the selected branch merges in, instead of gathering them again for every query (False: gathered).
+FORCED_DENSE = True
 
 
 def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=None, k_win=None, v_win=None,
@@ -53,7 +58,12 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=N
                             slc_block=c.slc_block, top_n=c.top_n, scale=scale, init_blocks=c.init_blocks,
                             local_blocks=c.local_blocks)
         # 3. selected branch
-        o_slc = run_selected(q, k, v, block_idx, pos0, slc_block=c.slc_block, scale=scale)
+        forced = None
+        if FORCED_DENSE and c.init_blocks + c.local_blocks > 0:
+            o_f, lse_f = interval_attention(q, k, v, pos0, mode=MODE_FORCED, scale=scale, slc_block=c.slc_block,
+                                            init_blocks=c.init_blocks, local_blocks=c.local_blocks, want_lse=True)
+            forced = (o_f, lse_f, c.init_blocks, c.local_blocks)
+        o_slc = run_selected(q, k, v, block_idx, pos0, slc_block=c.slc_block, scale=scale, forced=forced)
         # 4. sliding window, 5. gated sum
         o = window_gated_sum(q, k_win, v_win, gates, o_cmp, o_slc, pos0, window=c.window, scale=scale,
                              store_win=False)

@@ -32,12 +32,12 @@ from .common import LOG2E, check_qkv, dot_precision, forward_only, last_dim_cont
 
 @triton.jit(do_not_specialize=["TQ", "TK"])
 def _selected_group_kernel(
-    Q, K, V, IDX, O, POS0,
+    Q, K, V, IDX, O, POS0, O_F, LSE_F,
     scale_log2, TQ, TK, H,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sib, sit, sih,
     G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    TOP_N: tl.constexpr, PREC: tl.constexpr,
+    TOP_N: tl.constexpr, PREC: tl.constexpr, FORCED: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
 ):
     t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -54,9 +54,20 @@ def _selected_group_kernel(
     q = tl.load(Q + b64 * sqb + t64 * sqt + (h * G + g)[:, None] * sqh + dk[None, :],
                 mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)  # [GP, BDK]
 
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, BLOCK_DV], tl.float32)
+    HQ = H * G
+    rows = (b64 * TQ + t64) * HQ + h * G + g
+    if FORCED:
+        # Start from the forced blocks' softmax (o_f, lse_f): m = lse, l = 1, acc = o_f; their slots are skipped.
+        lse_f = tl.load(LSE_F + rows, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        m_i = lse_f
+        l_i = tl.where(lse_f > float("-inf"), 1.0, 0.0)
+        acc = tl.load(O_F + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV),
+                      other=0.0).to(tl.float32)
+        cur = pos // SLC_BLOCK
+    else:
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, BLOCK_DV], tl.float32)
     k_base = K + b64 * skb + h * skh
     v_base = V + b64 * svb + h * svh
     idx_base = IDX + b64 * sib + t64 * sit + h * sih
@@ -70,6 +81,8 @@ def _selected_group_kernel(
         n = blk.to(tl.int64) * SLC_BLOCK + off + offs  # [N] key positions
         # blk = -1 gives n in [-l', 0): the n >= 0 test masks empty slots.
         n_ok = (n >= 0) & (off + offs < SLC_BLOCK) & (n <= pos) & (n < TK)
+        if FORCED:
+            n_ok = n_ok & (n >= INIT * SLC_BLOCK) & (n < (cur - LOCAL + 1) * SLC_BLOCK)
         kt = tl.load(k_base + n[None, :] * skt + dk[:, None], mask=n_ok[None, :] & (dk[:, None] < DK),
                      other=0.0)  # [BDK, N]
         s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [GP, N]
@@ -85,8 +98,6 @@ def _selected_group_kernel(
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    HQ = H * G
-    rows = (b64 * TQ + t64) * HQ + h * G + g
     tl.store(O + rows[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
@@ -113,10 +124,13 @@ def selected_attention(q, k, v, block_idx, *, slc_block, scale=None, q_start=Non
     return run_selected(q, k, v, block_idx.to(q.device), pos0, slc_block=slc_block, scale=resolve_scale(q, scale))
 
 
-def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None):
+def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, forced=None):
     """Launch without argument checks (callers validated them).
 
     path: "group" (paper kernel), "block" (block-centric) or None to choose by group size.
+    forced: None, or (o_f, lse_f, init_blocks, local_blocks) with the attention of every query over its
+    forced blocks already computed (interval kernel, MODE_FORCED): their slots are then skipped and
+    that softmax is merged in, so the output is the same attention over all the selected blocks.
     """
     B, TQ, HQ, DK = q.shape
     TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -133,17 +147,23 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None):
     block_n = min(pow2(slc_block, 16), 32 if wide else 64)
     common = dict(G=G, DK=DK, DV=DV, BLOCK_DK=pow2(DK, 16), BLOCK_DV=pow2(DV, 16), SLC_BLOCK=slc_block,
                   BLOCK_N=block_n, PREC=dot_precision(q.dtype))
+    if forced is None:
+        o_f, lse_f, init, local = o, o, 0, 0
+    else:
+        o_f, lse_f, init, local = forced
+        o_f, lse_f = o_f.contiguous(), lse_f.contiguous()
+    flags = dict(FORCED=forced is not None, INIT=init, LOCAL=local)
     if path == "group":
         block_n, warps, stages = GROUP_LAUNCH["wide" if wide else "narrow"]
         _selected_group_kernel[(TQ, B * H)](
-            q, k, v, block_idx, o, pos0, scale * LOG2E, TQ, TK, H,
+            q, k, v, block_idx, o, pos0, o_f, lse_f, scale * LOG2E, TQ, TK, H,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
             GP=pow2(G, 16), TOP_N=block_idx.shape[-1], num_warps=warps, num_stages=stages,
-            **{**common, "BLOCK_N": min(pow2(slc_block, 16), block_n)},
+            **{**common, "BLOCK_N": min(pow2(slc_block, 16), block_n)}, **flags,
         )
         return o
-    return _run_block_centric(q, k, v, block_idx.contiguous(), pos0, o, scale, common)
+    return _run_block_centric(q, k, v, block_idx.contiguous(), pos0, o, scale, common, o_f, lse_f, flags)
 
 
 # Group path launch (BLOCK_N, num_warps, num_stages) for head dims up to 128 ("narrow") and above.
@@ -154,7 +174,7 @@ BLOCK_PATH_MAX_GROUP = 8
 BLOCK_PATH_ROWS = 128
 
 
-def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common):
+def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, flags):
     B, TQ, HQ, DK = q.shape
     TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
     G, n = HQ // H, block_idx.shape[-1]
@@ -163,11 +183,16 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common):
     block_r = max(BLOCK_PATH_ROWS if q.is_cuda else 32, pow2(G, 16))
     per_prog = block_r // G  # (query, slot) pairs per program
 
-    # Pairs (b, t, h, slot) sorted by segment (b, h, block); empty slots sort last and are never read.
+    # Pairs (b, t, h, slot) sorted by segment (b, h, block); empty slots (and forced blocks when their
+    # attention comes precomputed) sort last and are never read.
     ids = block_idx.long()
     bh = (torch.arange(B, device=q.device)[:, None, None, None] * H
           + torch.arange(H, device=q.device)[None, None, :, None])  # [B, 1, H, 1]
-    seg = torch.where(ids >= 0, bh * num_slc + ids, num_seg).flatten()  # [B*TQ*H*n]
+    keep = ids >= 0
+    if flags["FORCED"]:
+        cur = ((pos0[:, None] + torch.arange(TQ, device=q.device)[None, :]) // common["SLC_BLOCK"])[:, :, None, None]
+        keep &= (ids >= flags["INIT"]) & (ids <= cur - flags["LOCAL"])
+    seg = torch.where(keep, bh * num_slc + ids, num_seg).flatten()  # [B*TQ*H*n]
     seg = seg.to(torch.int32) if num_seg < 2**31 else seg
     seg_sorted, order = torch.sort(seg, stable=True)
     counts = torch.bincount(seg_sorted, minlength=num_seg + 1)[:num_seg]
@@ -189,8 +214,8 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common):
         N_SLOTS=n, BLOCK_R=block_r, num_warps=4, num_stages=2, **common,
     )
     _merge_partials_kernel[(B * TQ * H,)](
-        o_part, lse_part, block_idx, o, G=G, GP=pow2(G), N_SLOTS=n, NP=pow2(n), DV=DV,
-        BLOCK_DV=pow2(DV, 16), num_warps=4,
+        o_part, lse_part, block_idx, o, pos0, o_f, lse_f, TQ, H, G=G, GP=pow2(G), N_SLOTS=n, NP=pow2(n), DV=DV,
+        BLOCK_DV=pow2(DV, 16), SLC_BLOCK=common["SLC_BLOCK"], num_warps=4, **flags,
     )
     return o
 
@@ -259,25 +284,44 @@ def _selected_block_kernel(
 
 
 @triton.jit
-def _merge_partials_kernel(O_PART, LSE_PART, IDX, O, G: tl.constexpr, GP: tl.constexpr, N_SLOTS: tl.constexpr,
-                           NP: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """o[b, t, h*G + g] = sum_slot 2^(lse_slot - lse_all) o_slot: the softmax over the union of the blocks."""
+def _merge_partials_kernel(O_PART, LSE_PART, IDX, O, POS0, O_F, LSE_F, TQ, H,
+                           G: tl.constexpr, GP: tl.constexpr, N_SLOTS: tl.constexpr,
+                           NP: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                           FORCED: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """o[b, t, h*G + g] = sum_slot 2^(lse_slot - lse_all) o_slot: the softmax over the union of the blocks
+    (FORCED: the precomputed forced-block softmax (o_f, lse_f) is one more part, and the forced slots none)."""
     row = tl.program_id(0).to(tl.int64)  # (b, t, h)
     slot = tl.arange(0, NP)
     g = tl.arange(0, GP)
     dv = tl.arange(0, BLOCK_DV)
-    valid = (slot < N_SLOTS) & (tl.load(IDX + row * N_SLOTS + slot, mask=slot < N_SLOTS, other=-1) >= 0)  # [NP]
+    ids = tl.load(IDX + row * N_SLOTS + slot, mask=slot < N_SLOTS, other=-1)
+    valid = (slot < N_SLOTS) & (ids >= 0)  # [NP]
+    if FORCED:
+        pos = tl.load(POS0 + row // (TQ * H)) + (row // H) % TQ
+        valid = valid & (ids >= INIT) & (ids <= pos // SLC_BLOCK - LOCAL)
     sg_ok = valid[:, None] & (g[None, :] < G)  # [NP, GP]
     e = row * N_SLOTS + slot  # [NP]
     lse = tl.load(LSE_PART + e[:, None] * G + g[None, :], mask=sg_ok, other=float("-inf"))
     lse = tl.where(sg_ok, lse, float("-inf"))  # the buffer of an empty slot is never written
     m = tl.max(lse, 0)  # [GP]
+    if FORCED:
+        lse_f = tl.load(LSE_F + row * G + g, mask=g < G, other=float("-inf")) * 1.4426950408889634
+        m = tl.maximum(m, lse_f)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m_safe[None, :])  # [NP, GP]
-    w = w / tl.where(tl.sum(w, 0) > 0, tl.sum(w, 0), 1.0)[None, :]
+    denom = tl.sum(w, 0)
+    if FORCED:
+        w_f = tl.exp2(lse_f - m_safe)  # [GP]
+        denom += w_f
+    denom = tl.where(denom > 0, denom, 1.0)
     parts = tl.load(O_PART + (e[:, None, None] * G + g[None, :, None]) * DV + dv[None, None, :],
                     mask=sg_ok[:, :, None] & (dv[None, None, :] < DV), other=0.0).to(tl.float32)
     parts = tl.where(sg_ok[:, :, None], parts, 0.0)
     o = tl.sum(w[:, :, None] * parts, 0)  # [GP, BDV]
+    if FORCED:
+        o_f = tl.load(O_F + (row * G + g[:, None]) * DV + dv[None, :], mask=(g[:, None] < G) & (dv[None, :] < DV),
+                      other=0.0).to(tl.float32)
+        o += w_f[:, None] * o_f
+    o = o / denom[:, None]
     tl.store(O + (row * G + g[:, None]) * DV + dv[None, :], o.to(O.dtype.element_ty),
              mask=(g[:, None] < G) & (dv[None, :] < DV))

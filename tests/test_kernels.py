@@ -215,6 +215,27 @@ def test_selected_attention_both_paths_with_offsets(G, path):
     _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC, q_start=starts))
 
 
+@pytest.mark.parametrize(("G", "path", "forced"), [(1, "group", (1, 2)), (16, "group", (2, 1)), (3, "block", (1, 2)),
+                                                  (4, "block", (0, 1))])
+def test_selected_attention_with_forced_blocks_precomputed(G, path, forced):
+    """The forced blocks attended densely (interval kernel, MODE_FORCED) and merged into either path give
+    the attention over all the selected blocks."""
+    from kernels.interval_attention import MODE_FORCED, interval_attention
+
+    init, local = forced
+    q, k, v = _qkv(2, 9, 90, 2, G)
+    k_cmp, v_cmp = _cmp_kv(2, 90, 2)
+    starts = torch.tensor([81, 30])
+    _, lse = ref.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE, q_start=starts)
+    idx = ref.select_blocks(q, k_cmp, lse, cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC, top_n=TOP_N,
+                            q_start=starts, init_blocks=init, local_blocks=local).int()
+    o_f, lse_f = interval_attention(q, k, v, starts, mode=MODE_FORCED, scale=16 ** -0.5, slc_block=L_SLC,
+                                    init_blocks=init, local_blocks=local, want_lse=True)
+    o = selected_mod.run_selected(q, k, v, idx, starts, slc_block=L_SLC, scale=16 ** -0.5, path=path,
+                                  forced=(o_f, lse_f, init, local))
+    _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC, q_start=starts))
+
+
 @pytest.mark.parametrize("G", [1, 3, 4, 16])
 def test_window_attention_matches_reference(G):
     q, k, v = _qkv(1, 45, 45, 2, G)
