@@ -210,7 +210,7 @@ def tune(rows, errors, T):
                                path="group"))
     cfg = {name: NSAConfig(n_head=SHAPES[name][0], n_kv_head=SHAPES[name][1], head_dim=SHAPES[name][2],
                            v_head_dim=SHAPES[name][3], **GEOMETRY) for name in ("paper128", "small")}
-    for name, x in narrow:
+    for _, x in narrow:
         x["gates"] = torch.rand(*x["q"].shape[:3], 3, device="cuda", dtype=torch.bfloat16)
     chosen["nsa-forced-dense"] = sweep(
         "nsa-forced-dense", narrow, [True, False], lambda f: setattr(knsa, "FORCED_DENSE", f),
