@@ -199,7 +199,7 @@ def tune(rows, errors, T):
                                    lambda f: setattr(ks, "SPLIT_MASK", f), select)
     chosen["select-launch"] = sweep("select-launch", narrow, [(128, 8, 2), (128, 4, 2), (256, 8, 2), (64, 4, 2)],
                                     lambda c: setattr(ks, "SELECT_LAUNCH", c), select)
-    chosen["select-merge"] = sweep("select-merge", narrow, [1, 2, 4],
+    chosen["select-merge"] = sweep("select-merge", narrow, [1, 2],
                                    lambda m: setattr(ks, "MERGE_BLOCKS", m), select)
     x = shapes["paper128"]
     x["idx"] = select(x)
@@ -254,17 +254,23 @@ def main(argv=None) -> int:
         except Exception:
             errors.append(f"tune: {traceback.format_exc(limit=3)}")
         torch.cuda.empty_cache()
-    for name in args.shapes:
-        for T in args.lengths:
+    slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{slug}-{meta['date']}.json"
+
+    def save():  # after every shape and length, so that a run cut short keeps what it measured
+        path.write_text(json.dumps({**meta, "errors": errors, "results": rows}, indent=1) + "\n")
+
+    save()
+    for T in sorted(args.lengths, reverse=True):  # the longest first: the goals are set at 64k
+        for name in args.shapes:
             try:
                 run_shape(name, T, rows, errors)
             except Exception:
                 errors.append(f"{name} T={T}: {traceback.format_exc(limit=3)}")
             torch.cuda.empty_cache()
-    slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{slug}-{meta['date']}.json"
-    path.write_text(json.dumps({**meta, "errors": errors, "results": rows}, indent=1) + "\n")
+            save()
+            print(f"done {name} T={T}", flush=True)
     print(f"{card}: copy {meta['copy_TBps']} TB/s, bf16 matmul {meta['matmul_TFLOPs']} TFLOP/s -> {path}")
     for err in errors:
         print("ERROR", err)
@@ -273,6 +279,7 @@ def main(argv=None) -> int:
 
 
 def format_table(rows):
+    rows = [r for r in rows if not r["stage"].startswith("tune:")]  # the sweep's rows stay in the JSON
     stages = list(dict.fromkeys((r["stage"], r["impl"]) for r in rows))
     keys = sorted({(r["shape"], r["T"]) for r in rows}, key=lambda x: (list(SHAPES).index(x[0]), x[1]))
     by = {(r["shape"], r["T"], r["stage"], r["impl"]): r["ms"] for r in rows}
