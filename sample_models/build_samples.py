@@ -126,9 +126,11 @@ def cards(args) -> int:
         metrics["niah_min_accuracy_per_length"] = grids[name]["min_accuracy_per_length"]
         model = load_pretrained(folder)  # stored dtype
         section = niah_section(name, grids[name], twin_name, grids[twin_name])
-        card = training.training_card(model, recipe, metrics, niah_section=section,
-                                      command="see sample_models/build_samples.py (phases check, train, twin, niah, "
-                                              "cards)")
+        # The recipe in the folder has the step count and stage starts fixed: this reruns the same batches.
+        world = metrics.get("world_size", 1)
+        command = (f"torchrun --nproc_per_node={world} -m nsa_core.cli train {training.RECIPE_FILE} --out <dir>"
+                   if world > 1 else None)
+        card = training.training_card(model, recipe, metrics, niah_section=section, command=command)
         save_pretrained(model, folder, metrics=metrics, card=card)
         (folder / training.STATE_FILE).unlink(missing_ok=True)
         pack(folder, args.out)
