@@ -128,11 +128,11 @@ def run_shape(name, T, rows, errors):
                        lambda: parallel_nsa(q, k, v, g_cmp, g_slc, block_counts=16, block_size=64))
 
 
-def tune(rows, errors, T):
+def tune(rows, errors, T, knobs=()):
     """Sweep the launch knobs at length T, keep the fastest of each, return the settings chosen.
 
     Rows carry stage "tune:<knob>" and the candidate as impl. A knob is judged on the sum of its times
-    over the shapes it serves, so one setting holds for all of them.
+    over the shapes it serves, so one setting holds for all of them. knobs: sweep only these (all if empty).
     """
     import kernels.interval_attention as ia
     import kernels.nsa as knsa
@@ -153,6 +153,8 @@ def tune(rows, errors, T):
                                   cmp_block=32, cmp_stride=16, want_lse=True)
 
     def sweep(knob, shapes, candidates, apply, fn):
+        if knobs and knob not in knobs:  # not swept: keep the module's current setting
+            return "unchanged"
         totals = {}
         for cand in candidates:
             apply(cand)
@@ -231,6 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tune", type=int, default=0,
                         help="first sweep the launch settings at this length and measure with the fastest")
+    parser.add_argument("--knobs", nargs="+", default=[], help="with --tune: sweep only these knobs")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -249,7 +252,7 @@ def main(argv=None) -> int:
     meta.update({k: round(v, 3) for k, v in ceilings().items()})
     if args.tune:
         try:
-            meta["tuned"] = json.dumps(tune(rows, errors, args.tune))
+            meta["tuned"] = json.dumps(tune(rows, errors, args.tune, args.knobs))
             print("tuned launch settings:", meta["tuned"])
         except Exception:
             errors.append(f"tune: {traceback.format_exc(limit=3)}")
