@@ -41,9 +41,9 @@ MERGE_BLOCKS = 1
 # group sum first on the [BT, BC] probabilities and the remap after it (False, the earlier kernel).
 REMAP_FIRST = True
 # Chunks that every row of a tile sees whole skip the visibility mask (False: every chunk masked).
-SPLIT_MASK = True
+SPLIT_MASK = False
 # (rows per program = BT * GP, num_warps, num_stages) on a GPU; rows drop to 64 for Dk or chunks over 128.
-SELECT_LAUNCH = (128, 8, 2)
+SELECT_LAUNCH = (64, 4, 2)
 ID_BITS = 20  # block ids live in the low bits of the packed sort key
 MAX_BLOCKS = 1 << ID_BITS
 

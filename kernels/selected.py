@@ -38,6 +38,7 @@ def _selected_group_kernel(
     G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     TOP_N: tl.constexpr, PREC: tl.constexpr, FORCED: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    NP: tl.constexpr,
 ):
     t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -63,8 +64,14 @@ def _selected_group_kernel(
         l_i = tl.where(lse_f > float("-inf"), 1.0, 0.0)
         acc = tl.load(O_F + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV),
                       other=0.0).to(tl.float32)
-        cur = pos // SLC_BLOCK
+        # Valid ids ascend, so the slots that are not forced are one run [first, end): the loop skips the rest.
+        slot = tl.arange(0, NP)
+        ids = tl.load(IDX + b64 * sib + t64 * sit + h * sih + slot, mask=slot < TOP_N, other=-1)
+        first = tl.sum(((ids >= 0) & (ids < INIT)).to(tl.int32), 0)
+        end = tl.sum(((ids >= 0) & (ids <= pos // SLC_BLOCK - LOCAL)).to(tl.int32), 0)
     else:
+        first = 0
+        end = TOP_N
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, BLOCK_DV], tl.float32)
@@ -75,14 +82,12 @@ def _selected_group_kernel(
     TILES: tl.constexpr = (SLC_BLOCK + BLOCK_N - 1) // BLOCK_N
     # One flat loop with no branch, so that the compiler can pipeline the next tile's loads; an empty
     # slot (-1) masks all its loads and contributes exp2(-inf) = 0.
-    for it in range(TOP_N * TILES):
+    for it in range(first * TILES, end * TILES):
         blk = tl.load(idx_base + it // TILES)
         off = (it % TILES) * BLOCK_N
         n = blk.to(tl.int64) * SLC_BLOCK + off + offs  # [N] key positions
         # blk = -1 gives n in [-l', 0): the n >= 0 test masks empty slots.
         n_ok = (n >= 0) & (off + offs < SLC_BLOCK) & (n <= pos) & (n < TK)
-        if FORCED:
-            n_ok = n_ok & (n >= INIT * SLC_BLOCK) & (n < (cur - LOCAL + 1) * SLC_BLOCK)
         kt = tl.load(k_base + n[None, :] * skt + dk[:, None], mask=n_ok[None, :] & (dk[:, None] < DK),
                      other=0.0)  # [BDK, N]
         s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [GP, N]
@@ -159,7 +164,8 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
             q, k, v, block_idx, o, pos0, o_f, lse_f, scale * LOG2E, TQ, TK, H,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
-            GP=pow2(G, 16), TOP_N=block_idx.shape[-1], num_warps=warps, num_stages=stages,
+            GP=pow2(G, 16), TOP_N=block_idx.shape[-1], NP=pow2(block_idx.shape[-1]), num_warps=warps,
+            num_stages=stages,
             **{**common, "BLOCK_N": min(pow2(slc_block, 16), block_n)}, **flags,
         )
         return o

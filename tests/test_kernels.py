@@ -277,7 +277,11 @@ def test_nsa_attention_parts_match_reference(G):
     assert torch.equal(o, parts.o)
 
 
-def test_nsa_attention_decode_step_with_independent_window_kv():
+@pytest.mark.parametrize("forced_dense", [False, True])
+def test_nsa_attention_decode_step_with_independent_window_kv(forced_dense, monkeypatch):
+    from kernels import nsa as nsa_mod
+
+    monkeypatch.setattr(nsa_mod, "FORCED_DENSE", forced_dense)
     cfg = _config(3, kv_mode="independent")
     q, k, v = _qkv(2, 3, 70, 2, 3)
     k_win, v_win = torch.randn_like(k), torch.randn_like(v)
