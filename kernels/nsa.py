@@ -24,7 +24,7 @@ from .window import window_gated_sum
 # The forced blocks (the first init_blocks and the local_blocks ending at the query's own) are shared by
 # neighbouring queries: attend to them in one dense interval-kernel launch (MODE_FORCED) whose softmax
 # the selected branch merges in, instead of gathering them again for every query (False: gathered).
-FORCED_DENSE = False
+FORCED_DENSE = True
 
 
 def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=None, k_win=None, v_win=None,
