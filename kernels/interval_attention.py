@@ -1,22 +1,27 @@
 """Flash-attention forward where each query row attends to one contiguous key interval [lo, hi).
 
-Serves two NSA branches, chosen by the compile-time MODE:
+Serves two NSA branches and part of a third, chosen by the compile-time MODE:
 - MODE_CMP, compressed attention: row at absolute position t sees compressed tokens [0, N(t)) with
   N(t) = floor((t + 1 - l) / d) + 1 (0 while t < l - 1), i.e. token i iff i*d + l - 1 <= t;
-- MODE_WIN, sliding window: row at t sees raw keys [t - w + 1, t] (w keys, itself included).
+- MODE_WIN, sliding window: row at t sees raw keys [t - w + 1, t] (w keys, itself included);
+- MODE_FORCED, the forced selection blocks: row at t sees keys s <= t of the first `init` blocks of l'
+  and of the `local` blocks ending at its own (two intervals); its (o, lse) is merged into the
+  selected branch, which then skips those slots (selected.py).
 Rows that see no key (compressed branch, t < l - 1) write o = 0 and lse = -inf, never NaN.
 
 GQA packing: one program owns BLOCK_R rows = BT consecutive queries x the G query heads of one KV
 head (row r -> query r // G, head r % G), so each K/V tile is loaded once for all G heads and the
 tensor-core M dimension is full for any G from 1 to 64 (for G = 3, BLOCK_R = 64 holds 21 queries
 and one idle row). The window kernel can also apply the gated sum (Eq. 5) in its epilogue, reading
-o_cmp, o_slc and the gates, which saves a pass over the outputs.
+o_cmp, o_slc and the gates, which saves a pass over the outputs. Tiles that every row of a program
+sees whole run without the visibility mask (SPLIT_MASK: masked head, unmasked body, masked tail), and
+compressed-branch programs run longest first.
 
 Shapes: q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], Dk and Dv up to 256 and independent
 (192 is padded to a 256 tile with masked loads); any TQ <= TK, per-batch query offsets (q_start).
 Tested: float32 under TRITON_INTERPRET=1 (Triton 3.9, small shapes, G in 1, 3, 4, 16) and bfloat16
-on an NVIDIA H100 (Triton 3.6) up to T = 16k, Dk 128 and 192. Known limits: forward only; every
-row is masked (no separate unmasked fast path), which costs some ALU work on long intervals.
+on an NVIDIA H100 and an NVIDIA H200 (Triton 3.6) up to T = 16k, Dk 128 and 192. Known limits:
+forward only; MODE_FORCED masks every tile.
 """
 
 from __future__ import annotations

@@ -18,9 +18,13 @@ one int64 (score bits high, so that integer order is score order for the non-neg
 ~id low, so that keys are unique and ties go to the lower block id, like the reference's stable
 sort). Excluded blocks get key -1.
 
+The Eq. 9 remap runs first, per (query, head) row, as one tensor-core product of p (float16 for
+16-bit inputs, like flash attention's P) with the [BC, NB] overlap weights; the group sum then adds
+G rows of the NB-wide result (REMAP_FIRST; the earlier order summed the [R, BC] probabilities first).
+
 Shapes: any G from 1 to 64, Dk up to 256, any T, TQ < TK with q_start (int or [B]), l/d and l'/d any
 positive integers with l - d <= l'. Tested: float32 under TRITON_INTERPRET=1 (Triton 3.9) and
-bfloat16 on an NVIDIA H100 (Triton 3.6) up to T = 16k. Known limits: forward only; fewer than 2^20
+bfloat16 on an NVIDIA H100 and an NVIDIA H200 (Triton 3.6) up to T = 16k. Known limits: forward only; fewer than 2^20
 selection blocks; a NaN score (from NaN inputs) is ranked above every finite one instead of raising.
 """
 

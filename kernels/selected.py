@@ -15,9 +15,16 @@ read once per BLOCK_R // G queries instead of once per query. Each pair writes i
 and log-sum-exp; a second kernel merges the n partials of every query. The partials cost
 2 * B * TQ * HQ * n * (Dv + 2) bytes of extra traffic, which pays off while G is small.
 
+When nsa_attention has attended to the forced blocks already (interval kernel, MODE_FORCED, one dense
+launch for every query), both paths take that (o_f, lse_f) as one more softmax part and skip the
+forced slots: the group path loops only over the run of slots between them (ids ascend), the block
+path leaves those pairs out of the sort, and its merge adds the part.
+
 Shapes (both paths): q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], block_idx [B, TQ, H, n] int32/int64,
 Dk/Dv up to 256, any G from 1 to 64, TQ <= TK with q_start. Tested: float32 under TRITON_INTERPRET=1
-(Triton 3.9) and bfloat16 on an NVIDIA H100 (Triton 3.6) up to T = 16k. Known limits: forward only.
+(Triton 3.9) and bfloat16 on an NVIDIA H100 and an NVIDIA H200 (Triton 3.6) up to T = 16k. The
+precomputed-forced variant: both paths on the CPU; on the H200 only the block path (G <= 8), through
+the layer and logits tests. Known limits: forward only.
 """
 
 from __future__ import annotations
