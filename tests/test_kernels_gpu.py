@@ -108,9 +108,10 @@ def test_decode_and_chunked_prefill_bf16():
     _check("compressed decode", o, o_pt, o64)
 
 
-def test_nsa_attention_with_injected_selection_bf16():
-    cfg = NSAConfig(n_head=16, n_kv_head=4, head_dim=128, v_head_dim=128, **PAPER)
-    q, k, v, k_cmp, v_cmp = _inputs(8192 + 3, 16, 4, 128, 128)
+@pytest.mark.parametrize("HQ", [16, 64], ids=["G4-block-path", "G16-group-path"])
+def test_nsa_attention_with_injected_selection_bf16(HQ):
+    cfg = NSAConfig(n_head=HQ, n_kv_head=4, head_dim=128, v_head_dim=128, **PAPER)
+    q, k, v, k_cmp, v_cmp = _inputs(8192 + 3, HQ, 4, 128, 128)
     gates = torch.rand(*q.shape[:3], 3, device="cuda")
     parts = kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg, return_parts=True)
     assert torch.equal(parts.o, kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg))
