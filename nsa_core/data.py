@@ -255,9 +255,13 @@ def training_row(corpus: np.ndarray, mix: TaskMix, stage: int, rng: np.random.Ge
 
 def training_batch(corpus: np.ndarray, mix: TaskMix, *, batch_size: int, stage: int, seed: int, rank: int,
                    step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs [B, T], targets [B, T], answer [B, T] bool): deterministic in (stage, seed, rank, step)."""
-    rng = np.random.default_rng([seed, rank, step])
-    rows = [training_row(corpus, mix, stage, rng) for _ in range(batch_size)]
+    """(inputs [B, T], targets [B, T], answer [B, T] bool) for this rank's share of a step's global batch.
+
+    Each row is deterministic in (stage, seed, global row index, step), so a step sees the same rows
+    however its global batch is split: 4 processes of 1 row train on what 1 process of 4 rows does.
+    """
+    rows = [training_row(corpus, mix, stage, np.random.default_rng([seed, rank * batch_size + i, step]))
+            for i in range(batch_size)]
     ids = torch.tensor([r.ids for r in rows], dtype=torch.long)  # [B, T + 1]
     answer = torch.tensor([r.answer_mask for r in rows], dtype=torch.bool)  # [B, T + 1]
     return ids[:, :-1], ids[:, 1:], answer[:, 1:]

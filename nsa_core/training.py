@@ -8,6 +8,9 @@ under bf16 autocast and NSA layers go through FlexAttention (`train_attention.py
 kernels are forward-only; on a CPU they go through the differentiable reference. The dense twin uses
 PyTorch's scaled_dot_product_attention either way.
 
+A run may start from another checkpoint's weights (`init_from`, a second phase such as a long-context
+fine-tune) with a fresh optimizer; the model fields must match that checkpoint's config.
+
 A time budget turns into a step count once: after `calibrate_steps` timed steps the run fixes
 max_steps so the rest fits, before warm-up ends, so the learning-rate schedule is the one a rerun
 with that max_steps and no budget would follow. The recipe written next to the checkpoint records it.
@@ -39,13 +42,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import data, reference
-from .checkpoint import model_card, save_pretrained
+from .checkpoint import load_pretrained, model_card, save_pretrained
 from .config import NSAConfig
 from .model import NSALM
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 RECIPE_FILE = "recipe.json"
+BASE_RECIPE_FILE = "base_recipe.json"  # next to a checkpoint trained in two runs: the first run's recipe
 ATTENTION_PATHS = ("auto", "flex", "reference")
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -57,6 +61,9 @@ class Recipe:
     name: str
     model: dict[str, Any] = field(default_factory=dict)  # NSAConfig fields (defaults elsewhere)
     seed: int = 0
+    # A checkpoint directory whose weights start the run instead of the seeded initialisation,
+    # relative to the working directory (like --out). The optimizer starts fresh.
+    init_from: str | None = None
     # Data.
     seq_len: int = 16384
     batch_size: int = 4  # rows per step per process
@@ -220,6 +227,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     torch.manual_seed(recipe.seed)
     model = NSALM(recipe.config)
     model.reset_parameters(seed=recipe.seed)
+    if recipe.init_from is not None and not resume:
+        model.load_state_dict(_initial_weights(recipe).state_dict())
     model.to(device).train()
     ops, path_name = attention_ops(recipe, device)
     loss_module = TrainingLoss(model, ops, recipe.answer_weight)
@@ -366,17 +375,30 @@ def evaluate_heldout(model: NSALM, corpus: np.ndarray, *, seq_len: int, rows: in
 
 
 def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah_section: str = "",
-                  command: str | None = None) -> str:
-    """Model card: what the model is, the data, the command, the run, held-out loss, optional NIAH grid."""
+                  command: str | None = None, base: tuple[Recipe, dict[str, Any], str] | None = None) -> str:
+    """Model card: what the model is, the data, the command, the run, held-out loss, optional NIAH grid.
+
+    base: (recipe, metrics, command) of the run whose weights this one started from (`init_from`),
+    described as the first of two runs; its recipe ships as base_recipe.json.
+    """
     is_nsa = recipe.config.attention == "nsa"
     kind = "Native Sparse Attention" if is_nsa else "dense causal attention (the NSA twin's control)"
     command = command or f"nsa-explorer train {RECIPE_FILE} --out <dir>"
-    run = (f"{metrics.get('steps')} steps of {recipe.batch_size} x {recipe.seq_len} tokens per process "
-           f"({metrics.get('tokens', 0):,} tokens), {metrics.get('train_seconds')} s on {metrics.get('device')} "
-           f"(world size {metrics.get('world_size')}, torch {metrics.get('torch')}, attention path "
-           f"{metrics.get('attention_path')}).")
+    how = ("trained from scratch by `nsa-explorer train`." if base is None else
+           "trained by `nsa-explorer train` in two runs: a base run from scratch, then a long-context run "
+           "starting from its weights with a fresh optimizer.")
+    runs = [f"Command: `{command}` (the recipe is `{RECIPE_FILE}` in this folder). {_run_summary(recipe, metrics)}"]
+    if base is not None:
+        base_recipe, base_metrics, base_command = base
+        runs = [
+            f"Base run: `{base_command}` (`{BASE_RECIPE_FILE}` in this folder). {_task_summary(base_recipe)} "
+            f"{_run_summary(base_recipe, base_metrics)} Held-out loss after it: "
+            f"{base_metrics.get('heldout_loss_nats_per_byte')} nats per byte.",
+            "",
+            f"Long-context run: `{command}` (`{RECIPE_FILE}`, whose `init_from` names the base run's output). "
+            f"{_run_summary(recipe, metrics)}"]
     description = "\n".join([
-        f"A byte-level NSALM with {kind} in every layer, trained from scratch by `nsa-explorer train`.",
+        f"A byte-level NSALM with {kind} in every layer, {how}",
         "",
         "## Data",
         "",
@@ -384,19 +406,11 @@ def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah
         f"sorted by path; a file is held out when the CRC32 of its path falls in the lowest "
         f"{recipe.heldout_fraction:.0%}), mixed with synthetic passkey retrieval: a 5-digit key hidden at a random "
         f"depth of real text and asked for at the end (`{data.QUESTION}` then `<sep>`, the answer ends with `<eos>`), "
-        f"{recipe.multi_key_prob:.0%} of tasks with 2-4 named keys. Rows of {recipe.seq_len} tokens are packed with "
-        f"tasks whose longest length doubles in stages from {recipe.min_task_len} to {recipe.seq_len} tokens"
-        + (f", each stage entered once the answer accuracy reaches {recipe.curriculum_gate:.0%}"
-           if recipe.curriculum_gate is not None else "")
-        + f" and at the latest over the first {recipe.curriculum_frac:.0%} of training"
-        + (f"; the stages began at steps {', '.join(map(str, recipe.stage_starts))}." if recipe.stage_starts
-           else "."),
+        f"{recipe.multi_key_prob:.0%} of tasks with 2-4 named keys. {_task_summary(recipe)}",
         "",
         "## Training",
         "",
-        f"Command: `{command}` (the recipe is `{RECIPE_FILE}` in this folder). {run} AdamW, lr {recipe.lr} with "
-        f"{recipe.warmup_steps} warm-up steps and cosine decay to {recipe.min_lr_ratio} x, bf16 autocast on GPU; "
-        f"weights stored as {recipe.save_dtype}.",
+        *runs,
         "",
         "## Held-out loss",
         "",
@@ -407,6 +421,28 @@ def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah
         description += "\n\n" + niah_section.strip()
     flat = {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}
     return model_card(model, title=recipe.name, description=description, metrics=flat)
+
+
+def _task_summary(recipe: Recipe) -> str:
+    """How a run's rows were filled with tasks: the curriculum, or full length from the first step."""
+    if recipe.stage_starts and not any(recipe.stage_starts):
+        return (f"Rows of {recipe.seq_len} tokens are packed with tasks of log-uniform length from "
+                f"{recipe.min_task_len} to {recipe.seq_len} tokens from the first step.")
+    return (f"Rows of {recipe.seq_len} tokens are packed with tasks whose longest length doubles in stages from "
+            f"{recipe.min_task_len} to {recipe.seq_len} tokens"
+            + (f", each stage entered once the answer accuracy reaches {recipe.curriculum_gate:.0%}"
+               if recipe.curriculum_gate is not None else "")
+            + f" and at the latest over the first {recipe.curriculum_frac:.0%} of training"
+            + (f"; the stages began at steps {', '.join(map(str, recipe.stage_starts))}." if recipe.stage_starts
+               else "."))
+
+
+def _run_summary(recipe: Recipe, metrics: dict[str, Any]) -> str:
+    return (f"{metrics.get('steps')} steps of {recipe.batch_size} x {recipe.seq_len} tokens per process "
+            f"({metrics.get('tokens', 0):,} tokens), {metrics.get('train_seconds')} s on {metrics.get('device')} "
+            f"(world size {metrics.get('world_size')}, torch {metrics.get('torch')}, attention path "
+            f"{metrics.get('attention_path')}). AdamW, lr {recipe.lr} with {recipe.warmup_steps} warm-up steps and "
+            f"cosine decay to {recipe.min_lr_ratio} x, bf16 autocast on GPU; weights stored as {recipe.save_dtype}.")
 
 
 # helpers ---------------------------------------------------------------------------------------
@@ -441,6 +477,17 @@ def _gate(threshold: float | None, history: list[float], accuracy: float, stage:
         history.clear()
         return stage + 1
     return earned
+
+
+def _initial_weights(recipe: Recipe) -> NSALM:
+    """The float32 model of recipe.init_from, checked to have exactly the recipe's configuration."""
+    base = load_pretrained(recipe.init_from, dtype=torch.float32)
+    if base.config != recipe.config:
+        theirs, ours = base.config.to_dict(), recipe.config.to_dict()
+        diff = {k: (theirs[k], ours[k]) for k in sorted(ours) if theirs[k] != ours[k]}
+        raise ValueError(f"init_from {recipe.init_from}: its config differs from the recipe's model "
+                         f"(field: (checkpoint, recipe)): {diff}")
+    return base
 
 
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:

@@ -3,14 +3,15 @@
     python sample_models/build_samples.py check                      # FlexAttention path vs reference
     torchrun --nproc_per_node=N -m nsa_core.cli train sample_models/nsa-tiny/recipe.json --out WORK/nsa-tiny \
         --time-budget S [--stop-after-s S1] [--resume]                  # NSA first: its run fixes the steps
-    python sample_models/build_samples.py twin --work WORK            # WORK/dense-tiny.recipe.json
-    torchrun --nproc_per_node=N -m nsa_core.cli train WORK/dense-tiny.recipe.json --out WORK/dense-tiny
+    python sample_models/build_samples.py twin --work WORK --world M  # WORK/dense-tiny.recipe.json
+    torchrun --nproc_per_node=M -m nsa_core.cli train WORK/dense-tiny.recipe.json --out WORK/dense-tiny
     python sample_models/build_samples.py niah NAME --work WORK [--device cuda:1]   # one per GPU, in parallel
     python sample_models/build_samples.py cards --work WORK --out OUT
 
 The dense twin's recipe is the NSA run's final recipe with the attention switched: the same steps and,
 through the recorded `stage_starts`, exactly the same batches, although the NSA run's curriculum was
-set by its own accuracy. `niah` sweeps context length x depth on held-out haystacks into
+set by its own accuracy. The global batch stays the same on any number of processes M (the rows of a
+step depend only on their global index). `niah` sweeps context length x depth on held-out haystacks into
 WORK/NAME/niah.json; `cards` writes each model card with its grid and the twin's beside it, drops
 the optimizer state and packs each shipped folder as OUT/NAME.tar.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tarfile
 import time
@@ -35,9 +37,14 @@ from nsa_core.config import NSAConfig  # noqa: E402
 from nsa_core.train_attention import FlexNSA  # noqa: E402
 
 NAMES = ("nsa-tiny", "dense-tiny")
+# Each NSA run and its dense twin: the base run from scratch, then the long-context run from its weights.
+TWINS = {"nsa-base": "dense-base", "nsa-tiny": "dense-tiny"}
+BASES = {"nsa-tiny": "nsa-base", "dense-tiny": "dense-base"}
+BASE_METRICS = ("steps", "tokens", "train_seconds", "world_size", "device", "heldout_loss_nats_per_byte")
 # What ships: the checkpoint, its recipe, NIAH results and training log (not the optimizer state).
-SHIPPED = ("config.json", "model.safetensors", "README.md", "metrics.json", "recipe.json", "niah.json",
-           "train_log.jsonl")
+BASE_LOG_FILE = "base_train_log.jsonl"
+SHIPPED = ("config.json", "model.safetensors", "README.md", "metrics.json", "recipe.json", "base_recipe.json",
+           "niah.json", "train_log.jsonl", BASE_LOG_FILE)
 
 
 def check_flex_path(device: torch.device, triton_select: bool) -> dict[str, float]:
@@ -76,15 +83,36 @@ def check(args) -> int:
 
 
 def twin(args) -> int:
-    """The dense twin's recipe: the finished NSA run's recipe (steps, stage starts) with dense attention."""
-    nsa = training.Recipe.load(args.work / "nsa-tiny" / training.RECIPE_FILE)
-    if not nsa.stage_starts and nsa.stage_starts != []:
-        print("nsa-tiny's recipe has no recorded stage_starts: finish its run first", file=sys.stderr)
+    """The dense twin's recipe of each finished NSA run: its final recipe (steps, stage starts), dense attention.
+
+    WORK/nsa-base gives WORK/dense-base.recipe.json; WORK/nsa-tiny (which starts from nsa-base's weights)
+    gives WORK/dense-tiny.recipe.json, starting from dense-base's. Runs not finished yet are skipped.
+    """
+    written = 0
+    for nsa_name, dense_name in TWINS.items():
+        folder = args.work / nsa_name
+        if not (folder / "metrics.json").is_file():
+            continue
+        nsa = training.Recipe.load(folder / training.RECIPE_FILE)
+        # Rows are drawn per global row index, so the same global batch over args.world processes is the same data.
+        global_batch = nsa.batch_size * json.loads((folder / "metrics.json").read_text())["world_size"]
+        if global_batch % args.world:
+            print(f"{nsa_name}'s global batch of {global_batch} rows does not split over {args.world} processes",
+                  file=sys.stderr)
+            return 1
+        init_from = None
+        if nsa.init_from is not None:
+            init_from = str(args.work / TWINS[Path(nsa.init_from).name])
+        dense = nsa.replace(name=dense_name.replace("-base", "-tiny"), model=dict(nsa.model, attention="dense"),
+                            batch_size=global_batch // args.world, init_from=init_from)
+        path = args.work / f"{dense_name}.recipe.json"
+        path.write_text(dense.to_json(), encoding="utf-8")
+        print(f"wrote {path}: {dense.max_steps} steps of {dense.batch_size} rows x {args.world} processes, "
+              f"stage starts {dense.stage_starts}, init_from {init_from}", flush=True)
+        written += 1
+    if not written:
+        print(f"no finished NSA run in {args.work} ({', '.join(TWINS)})", file=sys.stderr)
         return 1
-    dense = nsa.replace(name="dense-tiny", model=dict(nsa.model, attention="dense"))
-    path = args.work / "dense-tiny.recipe.json"
-    path.write_text(dense.to_json(), encoding="utf-8")
-    print(f"wrote {path}: {dense.max_steps} steps, stage starts {dense.stage_starts}", flush=True)
     return 0
 
 
@@ -116,7 +144,13 @@ def run_niah(args) -> int:
 
 
 def cards(args) -> int:
-    """Each model card with both grids; the shipped weights are the trained checkpoint itself."""
+    """Each model card with both grids; the shipped weights are the trained checkpoint itself.
+
+    A model trained in two runs ships its base run's recipe and log (base_recipe.json,
+    base_train_log.jsonl), its own recipe's
+    init_from pointing at "base" (the folder a reader trains the base run into), and the base run's
+    numbers under metrics.json's "base".
+    """
     grids = {name: json.loads((args.work / name / "niah.json").read_text()) for name in NAMES}
     for name in NAMES:
         folder = args.work / name
@@ -126,15 +160,30 @@ def cards(args) -> int:
         metrics["niah_min_accuracy_per_length"] = grids[name]["min_accuracy_per_length"]
         model = load_pretrained(folder)  # stored dtype
         section = niah_section(name, grids[name], twin_name, grids[twin_name])
-        # The recipe in the folder has the step count and stage starts fixed: this reruns the same batches.
-        world = metrics.get("world_size", 1)
-        command = (f"torchrun --nproc_per_node={world} -m nsa_core.cli train {training.RECIPE_FILE} --out <dir>"
-                   if world > 1 else None)
-        card = training.training_card(model, recipe, metrics, niah_section=section, command=command)
+        base = None
+        if recipe.init_from is not None:
+            base_folder = args.work / BASES[name]
+            base_recipe = training.Recipe.load(base_folder / training.RECIPE_FILE).replace(name=name)
+            base_metrics = json.loads((base_folder / "metrics.json").read_text())
+            (folder / training.BASE_RECIPE_FILE).write_text(base_recipe.to_json(), encoding="utf-8")
+            shutil.copyfile(base_folder / training.LOG_FILE, folder / BASE_LOG_FILE)
+            recipe = recipe.replace(init_from="base")
+            (folder / training.RECIPE_FILE).write_text(recipe.to_json(), encoding="utf-8")
+            metrics["base"] = {k: base_metrics[k] for k in BASE_METRICS}
+            base = (base_recipe, base_metrics, train_command(training.BASE_RECIPE_FILE, base_metrics, "base"))
+        card = training.training_card(model, recipe, metrics, niah_section=section,
+                                      command=train_command(training.RECIPE_FILE, metrics, "<dir>"), base=base)
         save_pretrained(model, folder, metrics=metrics, card=card)
         (folder / training.STATE_FILE).unlink(missing_ok=True)
         pack(folder, args.out)
     return 0
+
+
+def train_command(recipe_file: str, metrics: dict, out: str) -> str:
+    """The command that reruns a recorded run: its recipe fixes the step count and the stage starts."""
+    world = metrics.get("world_size", 1)
+    launcher = f"torchrun --nproc_per_node={world} -m nsa_core.cli" if world > 1 else "nsa-explorer"
+    return f"{launcher} train {recipe_file} --out {out}"
 
 
 def pack(folder: Path, out: Path) -> None:
@@ -151,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="FlexAttention path against the reference on this GPU")
     p = sub.add_parser("twin", help="write WORK/dense-tiny.recipe.json from the finished NSA run")
     p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--world", type=int, default=1, help="processes the twin will train on")
     p = sub.add_parser("niah", help="the NIAH grid of WORK/NAME into WORK/NAME/niah.json")
     p.add_argument("name", choices=NAMES)
     p.add_argument("--work", type=Path, required=True)

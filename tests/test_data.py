@@ -108,6 +108,9 @@ def test_training_batch_is_deterministic_and_answers_follow_sep(corpus):
     x2, _, _ = data.training_batch(corpus, mix, batch_size=2, stage=0, seed=3, rank=0, step=5)
     other_rank, _, _ = data.training_batch(corpus, mix, batch_size=2, stage=0, seed=3, rank=1, step=5)
     assert torch.equal(x, x2) and not torch.equal(x, other_rank)
+    # A step's rows depend on the global batch only, not on how it is split across processes.
+    whole, _, _ = data.training_batch(corpus, mix, batch_size=4, stage=0, seed=3, rank=0, step=5)
+    assert torch.equal(whole, torch.cat([x, other_rank]))
     # Every answer run starts right after <sep> and ends with <eos>; short tasks pack several per row.
     for row in range(2):
         idx = answer[row].nonzero().flatten().tolist()

@@ -110,6 +110,19 @@ def test_a_few_cpu_steps_lower_the_heldout_loss(tmp_path, corpus_root):
     assert written == recipe.replace(stage_starts=written.stage_starts) and written.stage_starts == [1]
 
 
+def test_init_from_starts_at_a_checkpoints_weights(tmp_path, corpus_root):
+    base = training.train(tiny_recipe(max_steps=2), tmp_path / "base", device="cpu", progress=False,
+                          corpus_root=corpus_root)
+    phase2 = tiny_recipe(init_from=str(tmp_path / "base"), seed=7)
+    start = training.train(phase2, tmp_path / "ft", device="cpu", progress=False, corpus_root=corpus_root,
+                           stop_after=0)
+    for (name, a), b in zip(base.model.state_dict().items(), start.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the base's weights, not seed 7's initialisation
+    with pytest.raises(ValueError, match=r"window.*\(32, 64\)"):
+        training.train(tiny_recipe(init_from=str(tmp_path / "base"), model=TINY_MODEL | {"window": 64}),
+                       tmp_path / "bad", device="cpu", progress=False, corpus_root=corpus_root)
+
+
 def test_resume_continues_the_same_run(tmp_path, corpus_root):
     # One thread: threaded CPU reductions differ run to run by ~1e-8, and Adam turns such noise on a
     # near-zero gradient (a compressor bias) into a full-size step, so two-thread runs do not compare.
