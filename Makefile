@@ -31,6 +31,7 @@ bench:
 	$(GPU_PY) benchmarks/bench_attention.py
 
 lint: install
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q -e ".[lint]"
 	$(PY) -m ruff check .
 
 clean:

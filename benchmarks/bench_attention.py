@@ -39,7 +39,7 @@ from kernels.window import window_gated_sum  # noqa: E402
 from nsa_core.config import NSAConfig  # noqa: E402
 
 SHAPES = {"paper128": (64, 4, 128, 128), "paper192": (64, 4, 192, 128), "small": (16, 4, 128, 128)}
-GEOMETRY = dict(cmp_block=32, cmp_stride=16, slc_block=64, top_n=16, window=512)
+GEOMETRY = {"cmp_block": 32, "cmp_stride": 16, "slc_block": 64, "top_n": 16, "window": 512}
 
 
 def bench(fn):
@@ -71,7 +71,7 @@ def run_shape(name, T, rows, errors):
     gates = torch.rand(1, T, HQ, 3, device=dev, dtype=bf)
     pos0 = query_starts(None, 1, 0, q.device)
     scale = dk**-0.5
-    geo = dict(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride)
+    geo = {"cmp_block": cfg.cmp_block, "cmp_stride": cfg.cmp_stride}
 
     def record(stage, impl, fn):
         try:
@@ -116,7 +116,7 @@ def run_shape(name, T, rows, errors):
                 with sdpa_kernel(b):
                     return F.scaled_dot_product_attention(qt, ke, ve, is_causal=True)
             record("dense", label, dense)
-        del ke, ve
+        ke = ve = None  # the dense closures are done with them: free the memory before fla runs
         if G >= 16 and G & (G - 1) == 0 and dk == dv:
             try:
                 from fla.ops.nsa import parallel_nsa
@@ -161,7 +161,7 @@ def tune(rows, errors, T, knobs=()):
             total = 0.0
             for name, x in shapes:
                 try:
-                    ms = bench(lambda: fn(x))
+                    ms = bench(lambda x=x: fn(x))
                 except Exception as err:
                     errors.append(f"tune {knob} {cand} {name}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
                     total = float("inf")
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name()
     rows, errors = [], []
     meta = {"card": card, "date": dt.date.today().isoformat(), "torch": torch.__version__,
-            "triton": triton.__version__, "dtype": "bfloat16", "batch": 1, **{k: v for k, v in GEOMETRY.items()},
+            "triton": triton.__version__, "dtype": "bfloat16", "batch": 1, **GEOMETRY,
             "method": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms, random normal inputs"}
     try:
         import fla

@@ -34,8 +34,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, check_qkv, dot_precision, forward_only, last_dim_contiguous, pow2, query_starts, \
-    resolve_scale
+from .common import (
+    LOG2E,
+    check_qkv,
+    dot_precision,
+    forward_only,
+    last_dim_contiguous,
+    pow2,
+    query_starts,
+    resolve_scale,
+)
 
 # Blocks scored between two top-n merges, in units of the NB blocks one score tile covers. 1 measured
 # fastest on an H100 (the merge rounds shrink as the set improves); the interpreter uses 2 so that the
@@ -153,7 +161,8 @@ def _select_blocks_kernel(
                 carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], 1), [BT, GP]), 1)
             else:
                 p = tl.sum(tl.reshape(p, [BT, GP, BC]), 1)  # [BT, BC] group sum (Eq. 10)
-                if BT >= 16:
+                # A statement-level constexpr branch: Triton compiles only the taken side (tl.dot needs 16 rows).
+                if BT >= 16:  # noqa: SIM108
                     blk = tl.dot(p, w, input_precision="ieee")  # [BT, NB]
                 else:
                     blk = tl.sum(p[:, :, None] * w[None, :, :], 1)
@@ -217,7 +226,6 @@ def select_blocks(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, top_n, sca
     forward_only(q, k_cmp)
     check_qkv(q, k_cmp, k_cmp, k_name="k_cmp", v_name="k_cmp")
     B, TQ, HQ, DK = q.shape
-    TC, H = k_cmp.shape[1], k_cmp.shape[2]
     if lse.shape != (B, TQ, HQ):
         raise ValueError(f"lse must be [B, TQ, HQ] = {(B, TQ, HQ)}, got {tuple(lse.shape)}")
     check_selection_config(cmp_block, cmp_stride, slc_block, top_n, init_blocks, local_blocks)

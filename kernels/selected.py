@@ -33,8 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, check_qkv, dot_precision, forward_only, last_dim_contiguous, pow2, query_starts, \
-    resolve_scale
+from .common import (
+    LOG2E,
+    check_qkv,
+    dot_precision,
+    forward_only,
+    last_dim_contiguous,
+    pow2,
+    query_starts,
+    resolve_scale,
+)
 
 
 @triton.jit(do_not_specialize=["TQ", "TK"])
@@ -157,14 +165,14 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
         return o.zero_()
     wide = max(pow2(DK), pow2(DV)) > 128
     block_n = min(pow2(slc_block, 16), 32 if wide else 64)
-    common = dict(G=G, DK=DK, DV=DV, BLOCK_DK=pow2(DK, 16), BLOCK_DV=pow2(DV, 16), SLC_BLOCK=slc_block,
-                  BLOCK_N=block_n, PREC=dot_precision(q.dtype))
+    common = {"G": G, "DK": DK, "DV": DV, "BLOCK_DK": pow2(DK, 16), "BLOCK_DV": pow2(DV, 16),
+              "SLC_BLOCK": slc_block, "BLOCK_N": block_n, "PREC": dot_precision(q.dtype)}
     if forced is None:
         o_f, lse_f, init, local = o, o, 0, 0
     else:
         o_f, lse_f, init, local = forced
         o_f, lse_f = o_f.contiguous(), lse_f.contiguous()
-    flags = dict(FORCED=forced is not None, INIT=init, LOCAL=local)
+    flags = {"FORCED": forced is not None, "INIT": init, "LOCAL": local}
     if path == "group":
         block_n, warps, stages = GROUP_LAUNCH["wide" if wide else "narrow"]
         _selected_group_kernel[(TQ, B * H)](

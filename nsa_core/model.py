@@ -85,12 +85,14 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(c.d_model, c.n_head * c.head_dim, bias=False)
         # Paper section 3.3.3 gives each branch its own keys and values; every open peer shares one set.
         self.kv_names = ("cmp", "slc", "win") if self.is_nsa and c.kv_mode == "independent" else ("shared",)
-        self.k_proj = nn.ModuleDict({n: nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False) for n in self.kv_names})
-        self.v_proj = nn.ModuleDict({n: nn.Linear(c.d_model, c.n_kv_head * c.v_head_dim, bias=False) for n in self.kv_names})
+        self.k_proj = nn.ModuleDict({n: nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
+                                     for n in self.kv_names})
+        self.v_proj = nn.ModuleDict({n: nn.Linear(c.d_model, c.n_kv_head * c.v_head_dim, bias=False)
+                                     for n in self.kv_names})
         self.o_proj = nn.Linear(c.n_head * c.v_head_dim, c.d_model, bias=False)
         if self.is_nsa:
-            common = dict(kind=c.cmp_fn, n_kv_head=c.n_kv_head, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
-                          hidden=c.cmp_mlp_hidden)
+            common = {"kind": c.cmp_fn, "n_kv_head": c.n_kv_head, "cmp_block": c.cmp_block,
+                      "cmp_stride": c.cmp_stride, "hidden": c.cmp_mlp_hidden}
             self.k_compress = Compressor(head_dim=c.head_dim, **common)
             self.v_compress = Compressor(head_dim=c.v_head_dim, **common)
             self.gate = nn.Linear(c.d_model, 3 * c.n_head)
@@ -240,7 +242,8 @@ class NSALM(nn.Module):
             elif name.endswith("gate.bias") or name.endswith(("b1", "b2", "pos_emb")):
                 p.zero_()
             elif p.dim() >= 2 and "compress" not in name:
-                std = 0.02 / (2 * self.config.n_layer) ** 0.5 if name.endswith(("o_proj.weight", "down.weight")) else 0.02
+                residual_out = name.endswith(("o_proj.weight", "down.weight"))
+                std = 0.02 / (2 * self.config.n_layer) ** 0.5 if residual_out else 0.02
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
             elif "compress" in name and p.dim() == 3:
                 p.copy_(torch.randn(p.shape, generator=gen) * p.shape[1] ** -0.5)

@@ -1,6 +1,7 @@
 """`nsa-explorer train`: train an NSALM from a recipe (a JSON file kept next to the checkpoint it makes).
 
     nsa-explorer train RECIPE.json --out DIR [--device cuda] [--resume] [--max-steps N] [--time-budget S]
+        [--init-from CHECKPOINT_DIR]
     torchrun --nproc_per_node=2 -m nsa_core.cli train RECIPE.json --out DIR    # data-parallel (DDP)
 
 Data: the standard library's train files mixed with passkey tasks (`data.py`). On a GPU the step runs
@@ -395,7 +396,7 @@ def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah
             f"{_run_summary(base_recipe, base_metrics)} Held-out loss after it: "
             f"{base_metrics.get('heldout_loss_nats_per_byte')} nats per byte.",
             "",
-            f"Long-context run: `{command}` (`{RECIPE_FILE}`, whose `init_from` names the base run's output). "
+            f"Long-context run: `{command}` (`{RECIPE_FILE}`; `init_from` names the base run's output). "
             f"{_run_summary(recipe, metrics)}"]
     description = "\n".join([
         f"A byte-level NSALM with {kind} in every layer, {how}",
@@ -575,6 +576,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true", help=f"continue from {STATE_FILE} in --out")
     parser.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
     parser.add_argument("--time-budget", type=float, help="override the recipe's time_budget_s (seconds)")
+    parser.add_argument("--init-from", help="override the recipe's init_from (checkpoint directory)")
     parser.add_argument("--stop-after-s", type=float,
                         help="leave after this many seconds with the state saved; --resume continues")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -587,7 +589,11 @@ def cli(argv: list[str]) -> int:
             changes["max_steps"] = args.max_steps
         if args.time_budget is not None:
             changes["time_budget_s"] = args.time_budget
+        if args.init_from is not None:
+            changes["init_from"] = args.init_from
         recipe = recipe.replace(**changes)
+        if recipe.init_from is not None and not args.resume:
+            _initial_weights(recipe)  # a missing or mismatched checkpoint fails here, before any process group
     except (OSError, ValueError) as err:
         print(f"nsa-explorer train: {err}", file=sys.stderr)
         return 2

@@ -1,14 +1,20 @@
 """Train and evaluate the shipped twins, nsa-tiny and dense-tiny, in phases that fit GPU sessions.
 
     python sample_models/build_samples.py check                      # FlexAttention path vs reference
-    torchrun --nproc_per_node=N -m nsa_core.cli train sample_models/nsa-tiny/recipe.json --out WORK/nsa-tiny \
-        --time-budget S [--stop-after-s S1] [--resume]                  # NSA first: its run fixes the steps
-    python sample_models/build_samples.py twin --work WORK --world M  # WORK/dense-tiny.recipe.json
+    # NSA first, in two runs: a base run whose time budget and curriculum fix its steps and stage starts,
+    # then a long-context run from its weights (the recipes: see sample_models/README.md).
+    torchrun --nproc_per_node=N -m nsa_core.cli train BASE_RECIPE --out WORK/nsa-base --time-budget S
+    nsa-explorer train LONG_RECIPE --out WORK/nsa-tiny --init-from WORK/nsa-base [--stop-after-s S1] [--resume]
+    python sample_models/build_samples.py twin --work WORK --world M  # WORK/dense-{base,tiny}.recipe.json
+    torchrun --nproc_per_node=M -m nsa_core.cli train WORK/dense-base.recipe.json --out WORK/dense-base
     torchrun --nproc_per_node=M -m nsa_core.cli train WORK/dense-tiny.recipe.json --out WORK/dense-tiny
     python sample_models/build_samples.py niah NAME --work WORK [--device cuda:1]   # one per GPU, in parallel
     python sample_models/build_samples.py cards --work WORK --out OUT
 
-The dense twin's recipe is the NSA run's final recipe with the attention switched: the same steps and,
+To rerun a shipped model exactly, use its own base_recipe.json and recipe.json (steps and stage
+starts fixed) with `--init-from` naming the base run's output.
+
+Each dense twin's recipe is the matching NSA run's final recipe with the attention switched: the same steps and,
 through the recorded `stage_starts`, exactly the same batches, although the NSA run's curriculum was
 set by its own accuracy. The global batch stays the same on any number of processes M (the rows of a
 step depend only on their global index). `niah` sweeps context length x depth on held-out haystacks into
@@ -171,8 +177,10 @@ def cards(args) -> int:
             (folder / training.RECIPE_FILE).write_text(recipe.to_json(), encoding="utf-8")
             metrics["base"] = {k: base_metrics[k] for k in BASE_METRICS}
             base = (base_recipe, base_metrics, train_command(training.BASE_RECIPE_FILE, base_metrics, "base"))
-        card = training.training_card(model, recipe, metrics, niah_section=section,
-                                      command=train_command(training.RECIPE_FILE, metrics, "<dir>"), base=base)
+        command = train_command(training.RECIPE_FILE, metrics, "<dir>")
+        if base is not None:
+            command += " --init-from base"
+        card = training.training_card(model, recipe, metrics, niah_section=section, command=command, base=base)
         save_pretrained(model, folder, metrics=metrics, card=card)
         (folder / training.STATE_FILE).unlink(missing_ok=True)
         pack(folder, args.out)

@@ -109,7 +109,7 @@ def test_long_intervals_take_the_unmasked_body(G, monkeypatch):
     q, k, v = _qkv(2, 37, 300, 2, G)
     k_cmp, v_cmp = _cmp_kv(2, 300, 2)
     starts = torch.tensor([263, 180])
-    cmp = dict(cmp_block=L, cmp_stride=D_STRIDE, q_start=starts)
+    cmp = {"cmp_block": L, "cmp_stride": D_STRIDE, "q_start": starts}
     o, lse = kernels.compressed_attention(q, k_cmp, v_cmp, **cmp)
     o_ref, lse_ref = ref.compressed_attention(q, k_cmp, v_cmp, **cmp)
     _close(o, o_ref)
@@ -127,7 +127,7 @@ def test_select_blocks_matches_reference(G):
     q, _, _ = _qkv(1, 150, 150, 2, G)
     k_cmp, v_cmp = _cmp_kv(1, 150, 2)
     _, lse = ref.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE)
-    args = dict(cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC, top_n=TOP_N)
+    args = {"cmp_block": L, "cmp_stride": D_STRIDE, "slc_block": L_SLC, "top_n": TOP_N}
     idx = kernels.select_blocks(q, k_cmp, lse, **args)
     idx_ref = ref.select_blocks(q, k_cmp, lse, **args)
     assert idx.dtype == torch.int32 and idx.shape == idx_ref.shape
@@ -144,7 +144,7 @@ def test_select_blocks_other_geometries(geometry):
     tc = (70 - l) // d + 1
     k_cmp = torch.randn(2, tc, 2, 16)
     _, lse = ref.compressed_attention(q, k_cmp, k_cmp, cmp_block=l, cmp_stride=d)
-    args = dict(cmp_block=l, cmp_stride=d, slc_block=ls, top_n=n, init_blocks=init, local_blocks=local)
+    args = {"cmp_block": l, "cmp_stride": d, "slc_block": ls, "top_n": n, "init_blocks": init, "local_blocks": local}
     idx = kernels.select_blocks(q, k_cmp, lse, **args)
     idx_ref = ref.select_blocks(q, k_cmp, lse, **args)
     scores = ref.importance_scores(q, k_cmp, lse, cmp_block=l, cmp_stride=d, slc_block=ls)
@@ -163,7 +163,7 @@ def test_select_blocks_across_score_chunks_and_merges(variant, monkeypatch):
     q, _, _ = _qkv(1, 640, 640, 1, 2)
     k_cmp = torch.randn(1, (640 - l) // d + 1, 1, 16)
     _, lse = ref.compressed_attention(q, k_cmp, k_cmp, cmp_block=l, cmp_stride=d)
-    args = dict(cmp_block=l, cmp_stride=d, slc_block=ls, top_n=n)
+    args = {"cmp_block": l, "cmp_stride": d, "slc_block": ls, "top_n": n}
     idx = kernels.select_blocks(q, k_cmp, lse, **args)
     scores = ref.importance_scores(q, k_cmp, lse, cmp_block=l, cmp_stride=d, slc_block=ls)
     assert_same_selection(idx, ref.select_blocks(q, k_cmp, lse, **args), scores, torch.arange(640)[None],
@@ -174,7 +174,7 @@ def test_select_blocks_last_queries_of_longer_sequence():
     q, _, _ = _qkv(2, 6, 6, 2, 4)
     k_cmp, v_cmp = _cmp_kv(2, 300, 2)
     starts = torch.tensor([294, 120])
-    args = dict(cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC, top_n=TOP_N, q_start=starts)
+    args = {"cmp_block": L, "cmp_stride": D_STRIDE, "slc_block": L_SLC, "top_n": TOP_N, "q_start": starts}
     _, lse = ref.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE, q_start=starts)
     idx = kernels.select_blocks(q, k_cmp, lse, **args)
     idx_ref = ref.select_blocks(q, k_cmp, lse, **args)
@@ -252,8 +252,8 @@ def test_window_attention_last_queries_and_long_window():
 
 
 def _config(G, **changes):
-    fields = dict(n_head=2 * G, n_kv_head=2, head_dim=16, v_head_dim=8, cmp_block=L, cmp_stride=D_STRIDE,
-                  slc_block=L_SLC, top_n=TOP_N, window=WINDOW)
+    fields = {"n_head": 2 * G, "n_kv_head": 2, "head_dim": 16, "v_head_dim": 8, "cmp_block": L,
+              "cmp_stride": D_STRIDE, "slc_block": L_SLC, "top_n": TOP_N, "window": WINDOW}
     return NSAConfig(**{**fields, **changes})
 
 

@@ -19,12 +19,11 @@ from kernels.selected import run_selected
 from nsa_core import reference as ref
 from nsa_core.config import NSAConfig
 from nsa_core.model import NSALM
-
 from tests.test_kernels import _random_block_idx, assert_same_selection
 
 pytestmark = pytest.mark.gpu
 
-PAPER = dict(cmp_block=32, cmp_stride=16, slc_block=64, top_n=16, window=512)
+PAPER = {"cmp_block": 32, "cmp_stride": 16, "slc_block": 64, "top_n": 16, "window": 512}
 SHAPES = [  # (T, HQ, H, Dk, Dv)
     pytest.param(16384 - 5, 64, 4, 128, 128, id="T16k-G16-d128"),
     pytest.param(4096 + 37, 64, 4, 192, 128, id="T4k-G16-d192"),
@@ -57,7 +56,7 @@ def _inputs(T, HQ, H, dk, dv, B=1):
 def test_stages_match_reference_bf16(T, HQ, H, dk, dv):
     q, k, v, k_cmp, v_cmp = _inputs(T, HQ, H, dk, dv)
     d64 = [x.double() for x in (q, k, v, k_cmp, v_cmp)]
-    cmp = dict(cmp_block=PAPER["cmp_block"], cmp_stride=PAPER["cmp_stride"])
+    cmp = {"cmp_block": PAPER["cmp_block"], "cmp_stride": PAPER["cmp_stride"]}
 
     o, lse = kernels.compressed_attention(q, k_cmp, v_cmp, **cmp)
     o_pt, lse_pt = ref.compressed_attention(q, k_cmp, v_cmp, **cmp)

@@ -72,7 +72,8 @@ def test_loads_strictly_and_reproduces_golden_logits(name, golden):
     assert agree >= GOLDEN_LENGTH - 2  # near-ties may flip under another machine's rounding
 
 
-@pytest.mark.parametrize("recipe_file, metrics_of", [(RECIPE_FILE, lambda m: m), (BASE_RECIPE_FILE, lambda m: m["base"])])
+@pytest.mark.parametrize("recipe_file, metrics_of",
+                         [(RECIPE_FILE, lambda m: m), (BASE_RECIPE_FILE, lambda m: m["base"])])
 def test_the_twins_share_recipe_data_and_steps(recipe_file, metrics_of):
     """Both runs of the twins (base, then long-context) differ only in the attention: same rows, steps, tokens."""
     recipes = {name: Recipe.load(MODELS / name / recipe_file) for name in NAMES}

@@ -118,6 +118,10 @@ def test_init_from_starts_at_a_checkpoints_weights(tmp_path, corpus_root):
                            stop_after=0)
     for (name, a), b in zip(base.model.state_dict().items(), start.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # the base's weights, not seed 7's initialisation
+    bad = tmp_path / "bad.json"
+    bad.write_text(tiny_recipe(model=TINY_MODEL | {"window": 64}).to_json())
+    assert training.cli([str(bad), "--out", str(tmp_path / "bad"), "--init-from", str(tmp_path / "base")]) == 2
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
     with pytest.raises(ValueError, match=r"window.*\(32, 64\)"):
         training.train(tiny_recipe(init_from=str(tmp_path / "base"), model=TINY_MODEL | {"window": 64}),
                        tmp_path / "bad", device="cpu", progress=False, corpus_root=corpus_root)
