@@ -162,8 +162,13 @@ def task_overhead(n_keys: int) -> int:
     return n_keys * per_key + 1
 
 
-def sample_task(corpus: np.ndarray, length: int, rng: np.random.Generator, *, multi_key_prob: float) -> Task:
-    """A task of exactly `length` tokens (<bos> first): single-key, or with probability multi_key_prob 2-4 keys."""
+def sample_task(corpus: np.ndarray, length: int, rng: np.random.Generator, *, multi_key_prob: float,
+                start_needle_prob: float = 0.0) -> Task:
+    """A task of exactly `length` tokens (<bos> first): single-key, or with probability multi_key_prob 2-4 keys.
+
+    With probability start_needle_prob a single-key task puts its needle right after <bos> (depth 0
+    with no filler before it), where a NIAH prompt of depth 0 has it.
+    """
     n_keys = int(rng.integers(2, 5)) if rng.random() < multi_key_prob else 1
     # Short tasks hold fewer keys: leave at least half of the task to the haystack.
     while n_keys > 1 and task_overhead(n_keys) > length // 2:
@@ -173,8 +178,11 @@ def sample_task(corpus: np.ndarray, length: int, rng: np.random.Generator, *, mu
         raise ValueError(f"task length {length} leaves no room for a haystack")
     haystack = haystack_slice(corpus, hay_len, rng)
     depths = rng.random(n_keys).tolist()
+    # Drawn only when enabled, so recipes without it keep their rows.
+    at_start = n_keys == 1 and start_needle_prob > 0 and rng.random() < start_needle_prob
     if n_keys == 1:
-        task = single_key_task(haystack, random_key(rng), depths[0])
+        key = random_key(rng)
+        task = single_key_task(haystack, key, 0.0 if at_start else depths[0])
     else:
         names = rng.choice(len(KEY_NAMES), n_keys, replace=False)
         keys = {KEY_NAMES[i]: random_key(rng) for i in names}
@@ -182,6 +190,9 @@ def sample_task(corpus: np.ndarray, length: int, rng: np.random.Generator, *, mu
         task = multi_key_task(haystack, keys, depths, order)
     # Pad the front with more text so every task is exactly `length` tokens (overhead is an upper bound).
     pad = length - 1 - len(task.ids)
+    if at_start:  # the filler goes after the haystack instead, keeping the needle first
+        task = single_key_task(haystack + haystack_slice(corpus, pad, rng), key, 0.0)
+        return Task([tokenizer.BOS] + task.ids, [False] + task.answer_mask)
     head = haystack_slice(corpus, pad, rng) if pad > 0 else []
     return Task([tokenizer.BOS] + head + task.ids, [False] * (1 + len(head)) + task.answer_mask)
 
@@ -200,13 +211,15 @@ class TaskMix:
     seq_len: int
     min_task_len: int = 512
     multi_key_prob: float = 0.3
+    start_needle_prob: float = 0.0  # share of single-key tasks with the needle right after <bos>
     curriculum_frac: float = 0.4  # fraction of training by which the last stage is reached at the latest
 
     def __post_init__(self) -> None:
         if self.min_task_len < 256 or self.min_task_len > self.seq_len:
             raise ValueError(f"min_task_len must be in [256, seq_len={self.seq_len}], got {self.min_task_len}")
-        if not 0.0 <= self.multi_key_prob <= 1.0 or not 0.0 <= self.curriculum_frac <= 1.0:
-            raise ValueError("multi_key_prob and curriculum_frac must be in [0, 1]")
+        for name in ("multi_key_prob", "start_needle_prob", "curriculum_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     @property
     def stage_lengths(self) -> list[int]:
@@ -243,7 +256,8 @@ def training_row(corpus: np.ndarray, mix: TaskMix, stage: int, rng: np.random.Ge
         length = int(round(math.exp(rng.uniform(math.log(mix.min_task_len), math.log(max(hi, mix.min_task_len))))))
         # Never leave a remainder too short to hold another task: stretch this one to the end instead.
         length = room if room - length < mix.min_task_len else length
-        task = sample_task(corpus, length, rng, multi_key_prob=mix.multi_key_prob)
+        task = sample_task(corpus, length, rng, multi_key_prob=mix.multi_key_prob,
+                           start_needle_prob=mix.start_needle_prob)
         ids += task.ids
         mask += task.answer_mask
     tail = total - len(ids)

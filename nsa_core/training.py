@@ -71,6 +71,7 @@ class Recipe:
     heldout_fraction: float = 0.05
     min_task_len: int = 512
     multi_key_prob: float = 0.3
+    start_needle_prob: float = 0.0  # share of single-key tasks whose needle comes right after <bos>
     curriculum_frac: float = 0.4
     # Advance the curriculum early once the answer-token accuracy, averaged over the last 3 logged steps
     # (all processes), reaches this; None follows the schedule alone.
@@ -119,7 +120,7 @@ class Recipe:
     @property
     def task_mix(self) -> data.TaskMix:
         return data.TaskMix(seq_len=self.seq_len, min_task_len=self.min_task_len, multi_key_prob=self.multi_key_prob,
-                            curriculum_frac=self.curriculum_frac)
+                            start_needle_prob=self.start_needle_prob, curriculum_frac=self.curriculum_frac)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -407,7 +408,10 @@ def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah
         f"sorted by path; a file is held out when the CRC32 of its path falls in the lowest "
         f"{recipe.heldout_fraction:.0%}), mixed with synthetic passkey retrieval: a 5-digit key hidden at a random "
         f"depth of real text and asked for at the end (`{data.QUESTION}` then `<sep>`, the answer ends with `<eos>`), "
-        f"{recipe.multi_key_prob:.0%} of tasks with 2-4 named keys. {_task_summary(recipe)}",
+        f"{recipe.multi_key_prob:.0%} of tasks with 2-4 named keys"
+        + (f", {recipe.start_needle_prob:.0%} of single-key tasks with the key right after `<bos>`"
+           if recipe.start_needle_prob else "")
+        + f". {_task_summary(recipe)}",
         "",
         "## Training",
         "",

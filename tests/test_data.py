@@ -76,6 +76,20 @@ def test_sample_task_has_exact_length(corpus, length):
         assert task.ids[0] == tokenizer.BOS and task.ids[-1] == tokenizer.EOS
 
 
+@pytest.mark.parametrize("length", [300, 2048])
+def test_start_needles_come_right_after_bos(corpus, length):
+    rng = np.random.default_rng(1)
+    opening = tokenizer.encode("\n" + data.NEEDLE.split("{key}")[0])  # newline, the needle up to its key
+    for _ in range(5):
+        task = data.sample_task(corpus, length, rng, multi_key_prob=0.0, start_needle_prob=1.0)
+        assert len(task.ids) == length and task.ids[0] == tokenizer.BOS
+        assert task.ids[1:1 + len(opening)] == opening
+    # Off by default, and then no random draw is spent on it: existing recipes keep their rows.
+    a = data.sample_task(corpus, length, np.random.default_rng(2), multi_key_prob=0.3)
+    b = data.sample_task(corpus, length, np.random.default_rng(2), multi_key_prob=0.3, start_needle_prob=0.0)
+    assert a == b and a.ids[1:1 + len(opening)] != opening
+
+
 def test_curriculum_stages_double_up_to_the_row_length():
     mix = data.TaskMix(seq_len=4096, min_task_len=512, curriculum_frac=0.5)
     assert mix.stage_lengths == [512, 1024, 2048, 4097]
