@@ -6,6 +6,7 @@
     niah.write_results(results, "niah.json")
 
     nsa-explorer niah CHECKPOINT [--haystack heldout|FILE] --lengths 1024,2048 --depths 10 --trials 20 --out R.json
+        [--backend reference|triton|auto]    # the Triton kernels answer faster on a GPU
 
 A prompt is <bos>, then haystack tokens with the needle sentence (`data.NEEDLE`) on its own line at a
 depth in [0, 1] of the haystack, then the question (`data.QUESTION`) and <sep>: exactly `length`
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import backend as backends
 from . import data, tokenizer
 from .model import NSALM
 
@@ -215,6 +217,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="prompts per generate() call (default: all trials)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", choices=backends.BACKENDS, default="reference",
+                        help="attention implementation: the reference (default, the ground truth), the Triton "
+                             "kernels, or auto (the kernels where they run this model)")
     parser.add_argument("--out", type=Path, help="write the JSON results here")
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError, load_pretrained
@@ -222,12 +227,16 @@ def cli(argv: list[str]) -> int:
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
         model = load_pretrained(args.checkpoint, device=args.device, dtype=torch.float32)
+        model.backend = args.backend
+        _, attention = model.ops()
         haystack = load_haystack(args.haystack)
-    except (ValueError, OSError, CheckpointError) as err:
+    except (ValueError, OSError, CheckpointError, backends.BackendError) as err:
         print(f"nsa-explorer niah: {err}", file=sys.stderr)
         return 2
+    print(f"attention: {attention}", file=sys.stderr)
     results = sweep(model, haystack, lengths=lengths, depths=even_depths(args.depths), trials=args.trials,
                     seed=args.seed, batch_size=args.batch_size)
+    results["attention_backend"] = attention
     print(format_grid(results))
     if args.out:
         print(f"wrote {write_results(results, args.out)}")

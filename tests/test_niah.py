@@ -117,8 +117,12 @@ def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
     assert code == 0
     results = json.loads(out.read_text())
     assert results["attention"] == "dense" and results["trials"] == 2 and len(results["cells"]) == 2
+    assert results["attention_backend"].startswith("reference")
     assert niah.cli([str(tmp_path / "missing"), "--device", "cpu"]) == 2
     assert "nsa-explorer niah" in capsys.readouterr().err
+    # The kernels need CUDA: asking for them on a CPU is a clear refusal, not a traceback.
+    assert niah.cli([str(tmp_path / "ckpt"), "--device", "cpu", "--backend", "triton"]) == 2
+    assert "CUDA" in capsys.readouterr().err
 
 
 def test_even_depths():
