@@ -182,6 +182,9 @@ def sample_task(corpus: np.ndarray, length: int, rng: np.random.Generator, *, mu
     at_start = n_keys == 1 and start_needle_prob > 0 and rng.random() < start_needle_prob
     if n_keys == 1:
         key = random_key(rng)
+        if at_start:  # the filler goes after the haystack instead of before the task, keeping the needle first
+            fixed = len(single_key_task([], key, 0.0).ids)
+            haystack += haystack_slice(corpus, length - 1 - fixed - len(haystack), rng)
         task = single_key_task(haystack, key, 0.0 if at_start else depths[0])
     else:
         names = rng.choice(len(KEY_NAMES), n_keys, replace=False)
@@ -189,10 +192,7 @@ def sample_task(corpus: np.ndarray, length: int, rng: np.random.Generator, *, mu
         order = [KEY_NAMES[i] for i in rng.permutation(names)]
         task = multi_key_task(haystack, keys, depths, order)
     # Pad the front with more text so every task is exactly `length` tokens (overhead is an upper bound).
-    pad = length - 1 - len(task.ids)
-    if at_start:  # the filler goes after the haystack instead, keeping the needle first
-        task = single_key_task(haystack + haystack_slice(corpus, pad, rng), key, 0.0)
-        return Task([tokenizer.BOS] + task.ids, [False] + task.answer_mask)
+    pad = length - 1 - len(task.ids)  # 0 for a needle at the start
     head = haystack_slice(corpus, pad, rng) if pad > 0 else []
     return Task([tokenizer.BOS] + head + task.ids, [False] * (1 + len(head)) + task.answer_mask)
 

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import data, reference
-from .checkpoint import load_pretrained, model_card, save_pretrained
+from .checkpoint import load_pretrained, model_card, read_config, save_pretrained
 from .config import NSAConfig
 from .model import NSALM
 
@@ -228,9 +228,11 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
 
     torch.manual_seed(recipe.seed)
     model = NSALM(recipe.config)
-    model.reset_parameters(seed=recipe.seed)
     if recipe.init_from is not None and not resume:
-        model.load_state_dict(_initial_weights(recipe).state_dict())
+        _check_init_from(recipe)
+        model.load_state_dict(load_pretrained(recipe.init_from, dtype=torch.float32).state_dict())
+    else:
+        model.reset_parameters(seed=recipe.seed)
     model.to(device).train()
     ops, path_name = attention_ops(recipe, device)
     loss_module = TrainingLoss(model, ops, recipe.answer_weight)
@@ -484,15 +486,13 @@ def _gate(threshold: float | None, history: list[float], accuracy: float, stage:
     return earned
 
 
-def _initial_weights(recipe: Recipe) -> NSALM:
-    """The float32 model of recipe.init_from, checked to have exactly the recipe's configuration."""
-    base = load_pretrained(recipe.init_from, dtype=torch.float32)
-    if base.config != recipe.config:
-        theirs, ours = base.config.to_dict(), recipe.config.to_dict()
+def _check_init_from(recipe: Recipe) -> None:
+    """Raise unless recipe.init_from is a checkpoint with exactly the recipe's configuration (no weights read)."""
+    theirs, ours = read_config(recipe.init_from).to_dict(), recipe.config.to_dict()
+    if theirs != ours:
         diff = {k: (theirs[k], ours[k]) for k in sorted(ours) if theirs[k] != ours[k]}
         raise ValueError(f"init_from {recipe.init_from}: its config differs from the recipe's model "
                          f"(field: (checkpoint, recipe)): {diff}")
-    return base
 
 
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
@@ -597,7 +597,7 @@ def cli(argv: list[str]) -> int:
             changes["init_from"] = args.init_from
         recipe = recipe.replace(**changes)
         if recipe.init_from is not None and not args.resume:
-            _initial_weights(recipe)  # a missing or mismatched checkpoint fails here, before any process group
+            _check_init_from(recipe)  # a missing or mismatched checkpoint fails here, before any process group
     except (OSError, ValueError) as err:
         print(f"nsa-explorer train: {err}", file=sys.stderr)
         return 2

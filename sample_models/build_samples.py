@@ -43,9 +43,10 @@ from nsa_core.config import NSAConfig  # noqa: E402
 from nsa_core.train_attention import FlexNSA  # noqa: E402
 
 NAMES = ("nsa-tiny", "dense-tiny")
-# Each NSA run and its dense twin: the base run from scratch, then the long-context run from its weights.
-TWINS = {"nsa-base": "dense-base", "nsa-tiny": "dense-tiny"}
+# Each shipped model is a long-context run from the weights of a base run trained from scratch.
 BASES = {"nsa-tiny": "nsa-base", "dense-tiny": "dense-base"}
+# Each NSA run (base, then long-context) and its dense twin.
+TWINS = {BASES[NAMES[0]]: BASES[NAMES[1]], NAMES[0]: NAMES[1]}
 BASE_METRICS = ("steps", "tokens", "train_seconds", "world_size", "device", "heldout_loss_nats_per_byte")
 # What ships: the checkpoint, its recipe, NIAH results and training log (not the optimizer state).
 BASE_LOG_FILE = "base_train_log.jsonl"
@@ -106,10 +107,8 @@ def twin(args) -> int:
             print(f"{nsa_name}'s global batch of {global_batch} rows does not split over {args.world} processes",
                   file=sys.stderr)
             return 1
-        init_from = None
-        if nsa.init_from is not None:
-            init_from = str(args.work / TWINS[Path(nsa.init_from).name])
-        dense = nsa.replace(name=dense_name.replace("-base", "-tiny"), model=dict(nsa.model, attention="dense"),
+        init_from = str(args.work / BASES[dense_name]) if nsa.init_from is not None else None
+        dense = nsa.replace(name=NAMES[1], model=dict(nsa.model, attention="dense"),
                             batch_size=global_batch // args.world, init_from=init_from)
         path = args.work / f"{dense_name}.recipe.json"
         path.write_text(dense.to_json(), encoding="utf-8")
@@ -153,9 +152,8 @@ def cards(args) -> int:
     """Each model card with both grids; the shipped weights are the trained checkpoint itself.
 
     A model trained in two runs ships its base run's recipe and log (base_recipe.json,
-    base_train_log.jsonl), its own recipe's
-    init_from pointing at "base" (the folder a reader trains the base run into), and the base run's
-    numbers under metrics.json's "base".
+    base_train_log.jsonl), its own recipe's init_from pointing at "base" (the folder a reader trains
+    the base run into), and the base run's numbers under metrics.json's "base".
     """
     grids = {name: json.loads((args.work / name / "niah.json").read_text()) for name in NAMES}
     for name in NAMES:
@@ -206,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="phase", required=True)
     sub.add_parser("check", help="FlexAttention path against the reference on this GPU")
-    p = sub.add_parser("twin", help="write WORK/dense-tiny.recipe.json from the finished NSA run")
+    p = sub.add_parser("twin", help="write WORK/dense-{base,tiny}.recipe.json from the finished NSA runs")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--world", type=int, default=1, help="processes the twin will train on")
     p = sub.add_parser("niah", help="the NIAH grid of WORK/NAME into WORK/NAME/niah.json")
