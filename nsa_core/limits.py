@@ -35,9 +35,9 @@ each stage's temporaries before the next, so the peak is
   mlp: gate, up, silu(gate) and their product, 4 x T F a.
   head: the final RMSNorm and the logits T x V in the model dtype and in float32.
 - trace assembly (after the last layer): all L records, the logits, the numpy trace arrays
-  (gates, block_idx, block scores, lse, branch norms) and, for a chunk of 2048 queries, the keys of
-  the R = ceil((l' + l - 1) / d) compressed tokens overlapping each chosen block, their scores and
-  indices.
+  (gates, block_idx, block scores, lse, branch norms) and, for a chunk of 2048 queries, the indices
+  and overlap weights of the R = ceil((l' + l - 1) / d) compressed tokens overlapping each chosen
+  block, then one chosen block at a time, their keys and scores.
 - analyses (after the forward, from one layer's recomputed inputs): the trace arrays, the layer
   inputs and each analysis's working chunk and output (`_analysis_phase`); recomputing the inputs
   runs the forward up to that layer, which the forward's own phases already bound.
@@ -82,8 +82,9 @@ _SOFTMAX_COPIES = 6
 SMALL_TENSOR_SHARE = 0.1
 # What the process really takes over what its tensors allocate: on the CPU the largest ratio of RSS
 # growth to the itemised estimate measured (docs/reliability.md); on CUDA an allowance for the caching
-# allocator's block rounding, checked by a gpu test against torch.cuda.max_memory_reserved.
-ALLOCATOR_OVERHEAD = {"cpu": 1.75, "cuda": 1.2}
+# allocator's block rounding: reserved over allocated peak was 1.23 (reference) and 1.27 (triton) for a
+# traced 8k forward on an H200 (docs/reliability.md); a gpu test checks torch.cuda.max_memory_reserved.
+ALLOCATOR_OVERHEAD = {"cpu": 1.75, "cuda": 1.3}
 # Bytes kept free for everything else the process does (the server, the UI, other requests).
 RESERVE_BYTES = {"cpu": 512 << 20, "cuda": 1 << 30}
 
@@ -410,13 +411,20 @@ def _trace_assembly(s: _Sizes) -> list[MemoryTerm]:
     c, T = s.c, s.T
     arrays = T * (c.n_head * 3 * 4 + c.n_kv_head * c.top_n * 4 * 2 + c.n_head * 4 + c.n_head * 3 * 4)
     R = -(-(c.slc_block + c.cmp_block - 1) // c.cmp_stride)
-    # Gathered keys (float32), three float32 score tensors per query head and five int64 index tensors.
-    per_slot = c.head_dim * 4 + 3 * c.group_size * 4 + 5 * 8
-    chunk = min(T, TRACE_SCORE_CHUNK) * c.n_kv_head * c.top_n * R * per_slot
+    C, H, n, G = min(T, TRACE_SCORE_CHUNK), c.n_kv_head, c.top_n, c.group_size
+    # chosen_block_scores, per chunk of C queries: five int64 index tensors and the float32 overlap
+    # weights of every (query, head, chosen block, overlapping compressed token); then, one chosen block
+    # at a time, its gathered keys (CUDA's advanced indexing held up to 4 copies, measured on an H200)
+    # and four float32 score tensors per query head.
+    index = C * H * n * R * (5 * 8 + 4)
+    gather = C * H * R * (4 * c.head_dim * 4 + 4 * G * 4)
+    scores = 2 * T * H * n * 4 + C * c.n_head * c.head_dim * 4  # the scores so far, their concatenation, q
     return _persistent(s, trace=True, finished_layers=c.n_layer) + [
         _term("logits", "T V 4", T * c.vocab_size * 4),
         _term("trace arrays", "L T (HQ 3 + 2 H n + HQ + HQ 3) 4", c.n_layer * arrays),
-        _term("chosen-score chunk", "C H n R (4 Dk + 12 G + 40)", chunk),
+        _term("chosen-block index chunk", "C H n R (5 8 + 4)", index),
+        _term("one block's keys, scores", "C H R (16 Dk + 16 G)", gather),
+        _term("chosen-block scores", "2 T H n 4 + C HQ Dk 4", scores),
     ]
 
 
