@@ -217,6 +217,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     corpus_root: the standard-library folder to read (default: this Python's).
     """
     out_dir = Path(out_dir)
+    if recipe.init_from is not None and not resume:
+        _check_init_from(recipe)  # a missing or mismatched checkpoint fails before any process group or file
     world, rank, local_rank = _init_distributed()
     device = torch.device(device) if device is not None else _default_device(local_rank)
     if device.type == "cuda":
@@ -229,7 +231,6 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     torch.manual_seed(recipe.seed)
     model = NSALM(recipe.config)
     if recipe.init_from is not None and not resume:
-        _check_init_from(recipe)
         model.load_state_dict(load_pretrained(recipe.init_from, dtype=torch.float32).state_dict())
     else:
         model.reset_parameters(seed=recipe.seed)
@@ -597,7 +598,7 @@ def cli(argv: list[str]) -> int:
             changes["init_from"] = args.init_from
         recipe = recipe.replace(**changes)
         if recipe.init_from is not None and not args.resume:
-            _check_init_from(recipe)  # a missing or mismatched checkpoint fails here, before any process group
+            _check_init_from(recipe)  # as train() does first, but reported as a usage error (exit 2)
     except (OSError, ValueError) as err:
         print(f"nsa-explorer train: {err}", file=sys.stderr)
         return 2
