@@ -5,7 +5,7 @@
     results = niah.sweep(model, haystack_text, lengths=[1024, 4096], depths=niah.even_depths(10), trials=20)
     niah.write_results(results, "niah.json")
 
-    nsa-explorer niah CHECKPOINT [--haystack heldout|FILE] --lengths 1024,2048 --depths 10 --trials 20 --out R.json
+    nsa-explorer niah CHECKPOINT [--haystack heldout|FILE] --lengths 1024,2048 --depths 10 (or 0.05,0.1,...) --trials 20 --out R.json
         [--backend reference|triton|auto]    # the Triton kernels answer faster on a GPU
 
 A prompt is <bos>, then haystack tokens with the needle sentence (`data.NEEDLE`) on its own line at a
@@ -63,6 +63,21 @@ def even_depths(count: int) -> list[float]:
     if count < 1:
         raise ValueError(f"need at least one depth, got {count}")
     return [0.0] if count == 1 else [round(i / (count - 1), 4) for i in range(count)]
+
+
+def parse_depths(spec: str) -> list[float]:
+    """'10' -> 10 evenly spaced depths; '0.05,0.1,0.15' -> those depths, each in [0, 1]."""
+    spec = spec.strip()
+    if spec.isdigit():
+        return even_depths(int(spec))
+    try:
+        depths = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"depths must be a count (10) or comma-separated depths in [0, 1] (0.05,0.1), "
+                         f"got {spec!r}") from None
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"every depth must be in [0, 1], got {spec!r}")
+    return depths
 
 
 def haystack_tokens(haystack: str | bytes | Sequence[int] | np.ndarray) -> np.ndarray:
@@ -212,7 +227,8 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="checkpoint directory or .safetensors file")
     parser.add_argument("--haystack", default=HELDOUT, help=f"'{HELDOUT}' (held-out stdlib files) or a text file")
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="comma-separated context lengths")
-    parser.add_argument("--depths", type=int, default=10, help="number of evenly spaced depths")
+    parser.add_argument("--depths", default="10",
+                        help="a count of evenly spaced depths (10), or the depths themselves (0.05,0.1,0.15)")
     parser.add_argument("--trials", type=int, default=20, help="trials per cell")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="prompts per generate() call (default: all trials)")
@@ -226,6 +242,7 @@ def cli(argv: list[str]) -> int:
 
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+        depths = parse_depths(args.depths)
         model = load_pretrained(args.checkpoint, device=args.device, dtype=torch.float32)
         model.backend = args.backend
         _, attention = model.ops()
@@ -234,7 +251,7 @@ def cli(argv: list[str]) -> int:
         print(f"nsa-explorer niah: {err}", file=sys.stderr)
         return 2
     print(f"attention: {attention}", file=sys.stderr)
-    results = sweep(model, haystack, lengths=lengths, depths=even_depths(args.depths), trials=args.trials,
+    results = sweep(model, haystack, lengths=lengths, depths=depths, trials=args.trials,
                     seed=args.seed, batch_size=args.batch_size)
     results["attention_backend"] = attention
     print(format_grid(results))

@@ -118,11 +118,24 @@ def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["attention"] == "dense" and results["trials"] == 2 and len(results["cells"]) == 2
     assert results["attention_backend"].startswith("reference")
+    assert niah.cli([str(tmp_path / "ckpt"), "--haystack", str(tmp_path / "hay.txt"), "--lengths", "160",
+                     "--depths", "0.25,0.75", "--trials", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["depths"] == [0.25, 0.75]
+    assert niah.cli([str(tmp_path / "ckpt"), "--depths", "0.5,2", "--device", "cpu"]) == 2
+    assert "every depth must be in [0, 1]" in capsys.readouterr().err
     assert niah.cli([str(tmp_path / "missing"), "--device", "cpu"]) == 2
     assert "nsa-explorer niah" in capsys.readouterr().err
     # The kernels need CUDA: asking for them on a CPU is a clear refusal, not a traceback.
     assert niah.cli([str(tmp_path / "ckpt"), "--device", "cpu", "--backend", "triton"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_depths_from_a_count_or_a_list():
+    assert niah.parse_depths("3") == [0.0, 0.5, 1.0]
+    assert niah.parse_depths("0.05, 0.1,0.115") == [0.05, 0.1, 0.115]
+    for bad in ("0.5,1.5", "", "a,b", "-0.1"):
+        with pytest.raises(ValueError):
+            niah.parse_depths(bad)
 
 
 def test_even_depths():
