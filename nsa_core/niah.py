@@ -5,7 +5,8 @@
     results = niah.sweep(model, haystack_text, lengths=[1024, 4096], depths=niah.even_depths(10), trials=20)
     niah.write_results(results, "niah.json")
 
-    nsa-explorer niah CHECKPOINT [--haystack heldout|FILE] --lengths 1024,2048 --depths 10 (or 0.05,0.1,...) --trials 20 --out R.json
+    nsa-explorer niah CHECKPOINT [--haystack heldout|FILE] --lengths 1024,2048 --depths 10 --trials 20 --out R.json
+        [--depths 0.05,0.1,0.15]    # the depths themselves instead of a count
         [--backend reference|triton|auto]    # the Triton kernels answer faster on a GPU
 
 A prompt is <bos>, then haystack tokens with the needle sentence (`data.NEEDLE`) on its own line at a
