@@ -202,6 +202,7 @@ def chosen_block_scores(config: NSAConfig, q: torch.Tensor, k_cmp: torch.Tensor,
     R = -(-(ls + l - 1) // d)
     r = torch.arange(R, device=q.device)
     kc = k_cmp.float()
+    kv_head = torch.arange(H, device=q.device)[None, :, None]
     out = []
     for lo in range(0, T, _SCORE_CHUNK):
         hi = min(lo + _SCORE_CHUNK, T)
@@ -214,9 +215,9 @@ def chosen_block_scores(config: NSAConfig, q: torch.Tensor, k_cmp: torch.Tensor,
         visible = masks.visible_compressed(torch.arange(lo, hi, device=q.device), l, d)  # [C]
         ok = (overlap > 0) & (i >= 0) & (i < visible[:, None, None, None]) & (idx[..., None] >= 0)
         weight = torch.where(ok, overlap.clamp_min(0).float() / d, 0.0)  # [C, H, n, R]
-        kv_head = torch.arange(H, device=q.device)[None, :, None]
         qc = q[lo:hi].float().unflatten(1, (H, G))  # [C, H, G, Dk]
         row_lse = lse[lo:hi].float().unflatten(1, (H, G))[..., None]  # [C, H, G, 1]
+        has_cmp = torch.isfinite(row_lse)  # rows with no visible compressed token score 0
         score = torch.empty(idx.shape, dtype=torch.float32, device=q.device)  # [C, H, n]
         # One chosen block at a time: gathering the keys of all n at once held several copies of a
         # [C, H, n, R, Dk] tensor on CUDA, the largest allocation of a traced forward.
@@ -224,7 +225,7 @@ def chosen_block_scores(config: NSAConfig, q: torch.Tensor, k_cmp: torch.Tensor,
             rows = i[:, :, slot].clamp(0, max(Tc - 1, 0))  # [C, H, R]
             keys = kc[rows, kv_head] if Tc else kc.new_zeros(*rows.shape, Dk)  # [C, H, R, Dk]
             s = torch.einsum("chgd,chrd->chgr", qc, keys) * scale  # [C, H, G, R]
-            p = torch.where(torch.isfinite(row_lse), torch.exp(s - row_lse), 0.0)
+            p = torch.where(has_cmp, torch.exp(s - row_lse), 0.0)
             score[:, :, slot] = (p * weight[:, :, None, slot]).sum((-1, 2))
         out.append(torch.where(idx >= 0, score, torch.nan))
     if not out:
