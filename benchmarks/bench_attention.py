@@ -210,11 +210,6 @@ def tune(rows, errors, T, knobs=()):
         lambda c: kslc.GROUP_LAUNCH.__setitem__("narrow", c),
         lambda x: run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"],
                                path="group"))
-    chosen["slc-group-blocks"] = sweep(
-        "slc-group-blocks", [("paper128", x)], [1, 2],
-        lambda c: setattr(kslc, "GROUP_BLOCKS_PER_TILE", c),
-        lambda x: run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"],
-                               path="group"))
     cfg = {name: NSAConfig(n_head=SHAPES[name][0], n_kv_head=SHAPES[name][1], head_dim=SHAPES[name][2],
                            v_head_dim=SHAPES[name][3], **GEOMETRY) for name in ("paper128", "small")}
     for _, x in narrow:

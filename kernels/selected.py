@@ -53,7 +53,7 @@ def _selected_group_kernel(
     G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     TOP_N: tl.constexpr, PREC: tl.constexpr, FORCED: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    NP: tl.constexpr, SPT: tl.constexpr,
+    NP: tl.constexpr,
 ):
     t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -94,29 +94,15 @@ def _selected_group_kernel(
     v_base = V + b64 * svb + h * svh
     idx_base = IDX + b64 * sib + t64 * sit + h * sih
     offs = tl.arange(0, BLOCK_N)
-    # A tile is part of one slot's block (SPT = 1, TILES tiles per block) or SPT whole blocks side by
-    # side (BLOCK_N = SPT * l'): fewer, larger iterations when the loop's issue rate is the limit.
     TILES: tl.constexpr = (SLC_BLOCK + BLOCK_N - 1) // BLOCK_N
     # One flat loop with no branch, so that the compiler can pipeline the next tile's loads; an empty
     # slot (-1) masks all its loads and contributes exp2(-inf) = 0.
-    if SPT == 1:
-        lo = first * TILES
-        hi = end * TILES
-    else:
-        lo = 0
-        hi = (end - first + SPT - 1) // SPT
-    for it in range(lo, hi):
-        if SPT == 1:
-            blk = tl.load(idx_base + it // TILES)
-            off = (it % TILES) * BLOCK_N
-            n = blk.to(tl.int64) * SLC_BLOCK + off + offs  # [N] key positions
-            # blk = -1 gives n in [-l', 0): the n >= 0 test masks empty slots.
-            n_ok = (n >= 0) & (off + offs < SLC_BLOCK) & (n <= pos) & (n < TK)
-        else:
-            slot = first + it * SPT + offs // SLC_BLOCK  # [N] the slot of each key row
-            blk = tl.load(idx_base + slot, mask=slot < end, other=-1)
-            n = blk.to(tl.int64) * SLC_BLOCK + offs % SLC_BLOCK
-            n_ok = (blk >= 0) & (n <= pos) & (n < TK)
+    for it in range(first * TILES, end * TILES):
+        blk = tl.load(idx_base + it // TILES)
+        off = (it % TILES) * BLOCK_N
+        n = blk.to(tl.int64) * SLC_BLOCK + off + offs  # [N] key positions
+        # blk = -1 gives n in [-l', 0): the n >= 0 test masks empty slots.
+        n_ok = (n >= 0) & (off + offs < SLC_BLOCK) & (n <= pos) & (n < TK)
         kt = tl.load(k_base + n[None, :] * skt + dk[:, None], mask=n_ok[None, :] & (dk[:, None] < DK),
                      other=0.0)  # [BDK, N]
         s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [GP, N]
@@ -189,16 +175,13 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
     flags = {"FORCED": forced is not None, "INIT": init, "LOCAL": local}
     if path == "group":
         block_n, warps, stages = GROUP_LAUNCH["wide" if wide else "narrow"]
-        # Several whole blocks per tile need a power-of-two l' (tl.arange sizes); else tiles split a block.
-        spt = GROUP_BLOCKS_PER_TILE if pow2(slc_block) == slc_block else 1
         _selected_group_kernel[(TQ, B * H)](
             q, k, v, block_idx, o, pos0, o_f, lse_f, scale * LOG2E, TQ, TK, H,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
             GP=pow2(G, 16), TOP_N=block_idx.shape[-1], NP=pow2(block_idx.shape[-1]), num_warps=warps,
             num_stages=stages,
-            SPT=spt, **{**common, "BLOCK_N": spt * slc_block if spt > 1 else min(pow2(slc_block, 16), block_n)},
-            **flags,
+            **{**common, "BLOCK_N": min(pow2(slc_block, 16), block_n)}, **flags,
         )
         return o
     return _run_block_centric(q, k, v, block_idx.contiguous(), pos0, o, scale, common, o_f, lse_f, flags)
@@ -206,9 +189,6 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
 
 # Group path launch (BLOCK_N, num_warps, num_stages) for head dims up to 128 ("narrow") and above.
 GROUP_LAUNCH = {"narrow": (64, 4, 3), "wide": (32, 4, 3)}
-# Selected blocks side by side in one group-path tile (a power of two; then BLOCK_N = that many x l'):
-# fewer, larger loop iterations. 1 is the setting timed on GPUs; 2 is interpreter-tested, not yet timed.
-GROUP_BLOCKS_PER_TILE = 1
 # Groups up to this size take the block-centric path by default.
 BLOCK_PATH_MAX_GROUP = 8
 # Rows (pairs x G) per block-centric program on a GPU: more pairs per program, fewer re-reads of a block.

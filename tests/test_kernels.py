@@ -236,33 +236,6 @@ def test_selected_attention_with_forced_blocks_precomputed(G, path, forced):
     _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC, q_start=starts))
 
 
-@pytest.mark.parametrize(("G", "blocks_per_tile", "forced"), [(1, 2, None), (4, 4, None), (16, 2, (1, 2)),
-                                                           (3, 4, (2, 1))])
-def test_group_path_with_several_blocks_per_tile(G, blocks_per_tile, forced, monkeypatch):
-    """Tiles of several selected blocks side by side, a slot count that does not fill the last tile
-    (n = 5, and the forced slots skipped), empty slots and offsets: the same attention as the reference."""
-    from kernels.interval_attention import MODE_FORCED, interval_attention
-
-    monkeypatch.setattr(selected_mod, "GROUP_BLOCKS_PER_TILE", blocks_per_tile)
-    n = 5
-    q, k, v = _qkv(2, 9, 90, 2, G)
-    starts = torch.tensor([81, 30])
-    if forced is None:
-        idx, parts = _random_block_idx(2, 9, 2, n, starts[:, None] + torch.arange(9)), None
-    else:
-        init, local = forced
-        k_cmp, v_cmp = _cmp_kv(2, 90, 2)
-        _, lse = ref.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE, q_start=starts)
-        idx = ref.select_blocks(q, k_cmp, lse, cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC, top_n=n,
-                                q_start=starts, init_blocks=init, local_blocks=local).int()
-        o_f, lse_f = interval_attention(q, k, v, starts, mode=MODE_FORCED, scale=16 ** -0.5, slc_block=L_SLC,
-                                        init_blocks=init, local_blocks=local, want_lse=True)
-        parts = (o_f, lse_f, init, local)
-    o = selected_mod.run_selected(q, k, v, idx, starts, slc_block=L_SLC, scale=16 ** -0.5, path="group",
-                                  forced=parts)
-    _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC, q_start=starts))
-
-
 @pytest.mark.parametrize("G", [1, 3, 4, 16])
 def test_window_attention_matches_reference(G):
     q, k, v = _qkv(1, 45, 45, 2, G)
