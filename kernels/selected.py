@@ -216,8 +216,9 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, f
     seg = torch.where(keep, bh * num_slc + ids, num_seg).flatten()  # [B*TQ*H*n]
     seg = seg.to(torch.int32) if num_seg < 2**31 else seg
     seg_sorted, order = torch.sort(seg, stable=True)
-    counts = torch.bincount(seg_sorted, minlength=num_seg + 1)[:num_seg]
-    seg_start = torch.cumsum(counts, 0) - counts
+    # Where each segment's run starts in the sorted pairs (searchsorted, unlike bincount, needs no sync).
+    bounds = torch.searchsorted(seg_sorted, torch.arange(num_seg + 1, device=q.device, dtype=seg_sorted.dtype))
+    seg_start, counts = bounds[:-1], bounds[1:] - bounds[:-1]
     chunks = (counts + per_prog - 1) // per_prog
     chunk_end = torch.cumsum(chunks, 0)
     # Upper bound on the number of programs, so that no device-to-host sync is needed.
@@ -234,9 +235,10 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, f
         v.stride(0), v.stride(1), v.stride(2),
         N_SLOTS=n, BLOCK_R=block_r, num_warps=4, num_stages=2, **common,
     )
+    gp, block_dv = pow2(G), pow2(DV, 16)
     _merge_partials_kernel[(B * TQ * H,)](
-        o_part, lse_part, block_idx, o, pos0, o_f, lse_f, TQ, H, G=G, GP=pow2(G), N_SLOTS=n, NP=pow2(n), DV=DV,
-        BLOCK_DV=pow2(DV, 16), SLC_BLOCK=common["SLC_BLOCK"], num_warps=4, **flags,
+        o_part, lse_part, block_idx, o, pos0, o_f, lse_f, TQ, H, G=G, GP=gp, N_SLOTS=n, NP=pow2(n), DV=DV,
+        BLOCK_DV=block_dv, SLC_BLOCK=common["SLC_BLOCK"], num_warps=min(4, max(1, gp * block_dv // 512)), **flags,
     )
     return o
 
@@ -310,39 +312,45 @@ def _merge_partials_kernel(O_PART, LSE_PART, IDX, O, POS0, O_F, LSE_F, TQ, H,
                            NP: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, SLC_BLOCK: tl.constexpr,
                            FORCED: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
     """o[b, t, h*G + g] = sum_slot 2^(lse_slot - lse_all) o_slot: the softmax over the union of the blocks
-    (FORCED: the precomputed forced-block softmax (o_f, lse_f) is one more part, and the forced slots none)."""
+    (FORCED: the precomputed forced-block softmax (o_f, lse_f) is one more part, and the forced slots none).
+
+    The partials are summed one slot at a time in [GP, BLOCK_DV] tiles: a single [NP, GP, BLOCK_DV] load
+    held 16x more registers per thread and made this kernel slower than the attention it merges.
+    """
     row = tl.program_id(0).to(tl.int64)  # (b, t, h)
     slot = tl.arange(0, NP)
     g = tl.arange(0, GP)
     dv = tl.arange(0, BLOCK_DV)
+    if FORCED:
+        cur = (tl.load(POS0 + row // (TQ * H)) + (row // H) % TQ) // SLC_BLOCK
     ids = tl.load(IDX + row * N_SLOTS + slot, mask=slot < N_SLOTS, other=-1)
     valid = (slot < N_SLOTS) & (ids >= 0)  # [NP]
     if FORCED:
-        pos = tl.load(POS0 + row // (TQ * H)) + (row // H) % TQ
-        valid = valid & (ids >= INIT) & (ids <= pos // SLC_BLOCK - LOCAL)
+        valid = valid & (ids >= INIT) & (ids <= cur - LOCAL)
     sg_ok = valid[:, None] & (g[None, :] < G)  # [NP, GP]
-    e = row * N_SLOTS + slot  # [NP]
-    lse = tl.load(LSE_PART + e[:, None] * G + g[None, :], mask=sg_ok, other=float("-inf"))
+    lse = tl.load(LSE_PART + (row * N_SLOTS + slot)[:, None] * G + g[None, :], mask=sg_ok, other=float("-inf"))
     lse = tl.where(sg_ok, lse, float("-inf"))  # the buffer of an empty slot is never written
     m = tl.max(lse, 0)  # [GP]
     if FORCED:
         lse_f = tl.load(LSE_F + row * G + g, mask=g < G, other=float("-inf")) * 1.4426950408889634
         m = tl.maximum(m, lse_f)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m_safe[None, :])  # [NP, GP]
-    denom = tl.sum(w, 0)
+    denom = tl.sum(tl.exp2(lse - m_safe[None, :]), 0)
+    gd_ok = (g[:, None] < G) & (dv[None, :] < DV)  # [GP, BDV]
+    o = tl.zeros([GP, BLOCK_DV], tl.float32)
     if FORCED:
         w_f = tl.exp2(lse_f - m_safe)  # [GP]
         denom += w_f
+        o_f = tl.load(O_F + (row * G + g[:, None]) * DV + dv[None, :], mask=gd_ok, other=0.0).to(tl.float32)
+        o = w_f[:, None] * o_f
+    for s in tl.static_range(N_SLOTS):
+        e = row * N_SLOTS + s
+        sid = tl.load(IDX + e + g * 0)  # [GP], the slot's block id on every head's row
+        ok = (sid >= 0) & (g < G)
+        if FORCED:
+            ok = ok & (sid >= INIT) & (sid <= cur - LOCAL)
+        w = tl.exp2(tl.load(LSE_PART + e * G + g, mask=ok, other=float("-inf")) - m_safe)  # [GP]
+        part = tl.load(O_PART + (e * G + g[:, None]) * DV + dv[None, :], mask=ok[:, None] & gd_ok, other=0.0)
+        o += w[:, None] * part.to(tl.float32)
     denom = tl.where(denom > 0, denom, 1.0)
-    parts = tl.load(O_PART + (e[:, None, None] * G + g[None, :, None]) * DV + dv[None, None, :],
-                    mask=sg_ok[:, :, None] & (dv[None, None, :] < DV), other=0.0).to(tl.float32)
-    parts = tl.where(sg_ok[:, :, None], parts, 0.0)
-    o = tl.sum(w[:, :, None] * parts, 0)  # [GP, BDV]
-    if FORCED:
-        o_f = tl.load(O_F + (row * G + g[:, None]) * DV + dv[None, :], mask=(g[:, None] < G) & (dv[None, :] < DV),
-                      other=0.0).to(tl.float32)
-        o += w_f[:, None] * o_f
-    o = o / denom[:, None]
-    tl.store(O + (row * G + g[:, None]) * DV + dv[None, :], o.to(O.dtype.element_ty),
-             mask=(g[:, None] < G) & (dv[None, :] < DV))
+    tl.store(O + (row * G + g[:, None]) * DV + dv[None, :], (o / denom[:, None]).to(O.dtype.element_ty), mask=gd_ok)
