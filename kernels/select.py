@@ -58,9 +58,6 @@ REMAP_FIRST = True
 SPLIT_MASK = True
 # (rows per program = BT * GP, num_warps, num_stages) on a GPU; rows drop to 64 for Dk or chunks over 128.
 SELECT_LAUNCH = (64, 4, 3)
-# Compressed keys scored per chunk on a GPU (a chunk is at least 16 selection blocks; more blocks per
-# chunk mean fewer top-n merges and larger score tiles, at more registers per program).
-SELECT_CHUNK_KEYS = 64
 ID_BITS = 20  # block ids live in the low bits of the packed sort key
 MAX_BLOCKS = 1 << ID_BITS
 
@@ -210,7 +207,8 @@ def _launch_config(G: int, dk: int, top_n: int, per_block: int, on_gpu: bool):
     """(GP, BT, NB, NM, BC, num_warps, num_stages) for the selection kernel."""
     gp = pow2(G)
     nb = 16
-    while nb * per_block < SELECT_CHUNK_KEYS and on_gpu:
+    # Chunks of about 64..128 compressed keys keep the score tile [R, BC] in registers.
+    while nb * per_block < 64 and on_gpu:
         nb *= 2
     bc = pow2(nb * per_block, 16)
     if not on_gpu:  # the interpreter pays per operation, not per element: few, large programs

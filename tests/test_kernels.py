@@ -170,30 +170,6 @@ def test_select_blocks_across_score_chunks_and_merges(variant, monkeypatch):
                           slc_block=ls)
 
 
-def test_select_blocks_with_wide_chunks(monkeypatch):
-    """32 selection blocks per score chunk (SELECT_CHUNK_KEYS on a GPU) across 80 blocks: the same
-    selection as the reference; under the interpreter the launch otherwise uses 16-block chunks."""
-    from kernels import select as select_mod
-    from kernels.common import pow2
-
-    launch = select_mod._launch_config
-
-    def wide(G, dk, top_n, per_block, on_gpu):
-        gp, bt, nb, nm, bc, warps, stages = launch(G, dk, top_n, per_block, on_gpu)
-        return gp, bt, 32, 32, pow2(32 * per_block, 16), warps, stages
-
-    monkeypatch.setattr(select_mod, "_launch_config", wide)
-    l, d, ls, n = 8, 4, 8, 6
-    q, _, _ = _qkv(1, 640, 640, 1, 2)
-    k_cmp = torch.randn(1, (640 - l) // d + 1, 1, 16)
-    _, lse = ref.compressed_attention(q, k_cmp, k_cmp, cmp_block=l, cmp_stride=d)
-    args = {"cmp_block": l, "cmp_stride": d, "slc_block": ls, "top_n": n}
-    idx = kernels.select_blocks(q, k_cmp, lse, **args)
-    scores = ref.importance_scores(q, k_cmp, lse, cmp_block=l, cmp_stride=d, slc_block=ls)
-    assert_same_selection(idx, ref.select_blocks(q, k_cmp, lse, **args), scores, torch.arange(640)[None],
-                          slc_block=ls)
-
-
 def test_select_blocks_last_queries_of_longer_sequence():
     q, _, _ = _qkv(2, 6, 6, 2, 4)
     k_cmp, v_cmp = _cmp_kv(2, 300, 2)
