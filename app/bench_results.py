@@ -35,6 +35,14 @@ class Recorded:
     description: str
     charts: dict[str, dict[str, tuple[list[int], list[float]]]]  # title -> implementation -> (lengths, ms)
     rows: list[dict]
+    date: str = ""  # the file's "date" field (ISO), empty when it has none
+
+
+def newest_first(recorded: dict[str, Recorded]) -> list[str]:
+    """File names ordered for the picker: the latest date first, then the most charts and records, so
+    that a day's full run comes before that day's partial sweeps and earlier cards' runs."""
+    return sorted(recorded, key=lambda n: (recorded[n].date, len(recorded[n].charts), len(recorded[n].rows)),
+                  reverse=True)
 
 
 def result_files(folder: Path = RESULTS_DIR) -> list[Path]:
@@ -100,4 +108,4 @@ def parse(doc, *, name: str = "results") -> Recorded:
             order = sorted(range(len(xs)), key=xs.__getitem__)
             series[impl] = ([xs[i] for i in order], [ys[i] for i in order])
     description = " · ".join(f"{k}: {v}" for k, v in meta.items()) or name
-    return Recorded(description=description, charts=dict(charts), rows=records)
+    return Recorded(description=description, charts=dict(charts), rows=records, date=str(meta.get("date", "")))

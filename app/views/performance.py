@@ -81,7 +81,7 @@ for f in files:
         st.warning(f"Skipped {f.name}: {err}")
 if not loaded_files:
     st.stop()
-names = sorted(loaded_files, key=lambda n: -len(loaded_files[n].charts))  # the richest file first
+names = bench_results.newest_first(loaded_files)
 name = st.selectbox("Result file", names, key="bench_file")
 recorded = loaded_files[name]
 st.caption(recorded.description)
