@@ -235,7 +235,7 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, f
         v.stride(0), v.stride(1), v.stride(2),
         N_SLOTS=n, BLOCK_R=block_r, num_warps=4, num_stages=2, **common,
     )
-    gp, block_dv = pow2(G), pow2(DV, 16)
+    gp, block_dv = pow2(G), pow2(DV, 16)  # a [GP, BLOCK_DV] tile per slot: one warp per 512 elements, up to 4
     _merge_partials_kernel[(B * TQ * H,)](
         o_part, lse_part, block_idx, o, pos0, o_f, lse_f, TQ, H, G=G, GP=gp, N_SLOTS=n, NP=pow2(n), DV=DV,
         BLOCK_DV=block_dv, SLC_BLOCK=common["SLC_BLOCK"], num_warps=min(4, max(1, gp * block_dv // 512)), **flags,
