@@ -6,8 +6,9 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 # GPU targets run on whatever Python already has CUDA PyTorch (the venv if it exists, else python3).
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
-# Only the modules that hold gpu tests, so a CUDA Python without the app's dependencies can run them.
-GPU_TESTS := $(shell grep -l "mark.gpu" tests/test_*.py)
+# Only the modules that hold gpu tests, so a CUDA Python without the app's dependencies can run them
+# (expanded when test-gpu runs, not on every make call).
+GPU_TESTS = $(shell grep -l "mark.gpu" tests/test_*.py)
 
 .PHONY: install run test test-gpu bench lint clean
 
