@@ -80,6 +80,13 @@ class Recipe:
     # curriculum follows it exactly (gate and schedule unused), so a rerun, or a twin, sees the same data.
     stage_starts: list[int] | None = None
     answer_weight: float = 4.0  # loss weight of answer tokens relative to text tokens
+    # Loss weight of each answer's first token, the one that must be read from the needle (later ones can
+    # be copied once it is found); None gives it answer_weight.
+    first_answer_weight: float | None = None
+    # Share of rows whose selected branch is switched off (its gate set to 0 in every layer and head), so
+    # the loss of those rows is paid through the compressed branch, whose scores rank the blocks: with its
+    # gate near zero that ranking otherwise gets almost no gradient (docs/training.md).
+    selected_dropout: float = 0.0
     # Optimisation.
     max_steps: int = 1000
     lr: float = 2e-3
@@ -105,6 +112,10 @@ class Recipe:
         for name in ("seq_len", "batch_size", "max_steps", "log_every", "ckpt_every", "eval_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.first_answer_weight is not None and self.first_answer_weight <= 0:
+            raise ValueError(f"first_answer_weight must be > 0 or null, got {self.first_answer_weight}")
+        if not 0.0 <= self.selected_dropout < 1.0:
+            raise ValueError(f"selected_dropout must be in [0, 1), got {self.selected_dropout}")
         if self.curriculum_gate is not None and not 0.0 < self.curriculum_gate <= 1.0:
             raise ValueError(f"curriculum_gate must be in (0, 1] or null, got {self.curriculum_gate}")
         if self.stage_starts is not None and list(self.stage_starts) != sorted(self.stage_starts):
@@ -162,22 +173,49 @@ def forward_logits(model: NSALM, ids: torch.Tensor, ops) -> torch.Tensor:
 class TrainingLoss(nn.Module):
     """The module DDP wraps: (inputs, targets, answer) [B, T] -> weighted next-token loss and statistics."""
 
-    def __init__(self, model: NSALM, ops, answer_weight: float) -> None:
+    def __init__(self, model: NSALM, ops, recipe: Recipe) -> None:
         super().__init__()
         self.model = model
         self.ops = ops
-        self.answer_weight = answer_weight
+        self.answer_weight = recipe.answer_weight
+        self.first_answer_weight = recipe.first_answer_weight
+        self.selected_dropout = recipe.selected_dropout
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, answer: torch.Tensor):
-        logits = forward_logits(self.model, inputs, self.ops)  # [B, T, V]
+        ops = self.ops
+        if self.selected_dropout > 0 and self.model.config.attention == "nsa":
+            off = torch.rand(inputs.shape[0], device=inputs.device) < self.selected_dropout  # [B]
+            ops = _GateScaledOps(ops, _branch_scale(off, branch=1))
+        logits = forward_logits(self.model, inputs, ops)  # [B, T, V]
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         weights = 1.0 + (self.answer_weight - 1.0) * answer.float()
+        if self.first_answer_weight is not None:
+            first = answer & ~F.pad(answer[:, :-1], (1, 0))  # answer targets whose previous target is not one
+            weights = torch.where(first, self.first_answer_weight, weights)
         loss = (ce * weights).sum() / weights.sum()
         with torch.no_grad():
             text_loss = ce[~answer].mean()
             hits = (logits.argmax(-1) == targets) & answer
             answer_acc = hits.sum() / answer.sum().clamp_min(1)
         return loss, text_loss, answer_acc
+
+
+def _branch_scale(off: torch.Tensor, *, branch: int) -> torch.Tensor:
+    """Gate multipliers [B, 1, 1, 3]: 0 for `branch` (0 cmp, 1 slc, 2 win) in the rows where off [B] is set."""
+    scale = torch.ones(off.shape[0], 1, 1, 3, device=off.device)
+    scale[:, 0, 0, branch] = (~off).float()
+    return scale
+
+
+class _GateScaledOps:
+    """An `ops` object whose nsa_attention multiplies the gates [B, T, HQ, 3] by scale [B, 1, 1, 3] first."""
+
+    def __init__(self, ops, scale: torch.Tensor) -> None:
+        self.ops = ops
+        self.scale = scale
+
+    def nsa_attention(self, q, k, v, k_cmp, v_cmp, gates, **kwargs):
+        return self.ops.nsa_attention(q, k, v, k_cmp, v_cmp, gates * self.scale.to(gates.dtype), **kwargs)
 
 
 def attention_ops(recipe: Recipe, device: torch.device):
@@ -236,7 +274,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         model.reset_parameters(seed=recipe.seed)
     model.to(device).train()
     ops, path_name = attention_ops(recipe, device)
-    loss_module = TrainingLoss(model, ops, recipe.answer_weight)
+    loss_module = TrainingLoss(model, ops, recipe)
     step_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda"
                                                       else None) if world > 1 else loss_module
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]

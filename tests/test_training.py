@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nsa_core import data, training
+from nsa_core import data, reference, training
 from nsa_core.checkpoint import load_pretrained
+from nsa_core.model import NSALM
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "head_dim": 16, "v_head_dim": 16,
@@ -48,6 +49,57 @@ def test_recipe_round_trip_and_errors(tmp_path):
         tiny_recipe(model=TINY_MODEL | {"n_head": 3, "n_kv_head": 2})
     with pytest.raises(ValueError, match="warmup_steps"):
         tiny_recipe(time_budget_s=10.0, calibrate_steps=5, warmup_steps=4)
+    with pytest.raises(ValueError, match="selected_dropout"):
+        tiny_recipe(selected_dropout=1.0)
+    with pytest.raises(ValueError, match="first_answer_weight"):
+        tiny_recipe(first_answer_weight=0.0)
+
+
+def test_first_answer_weight_weighs_each_answers_first_token():
+    recipe = tiny_recipe(answer_weight=3.0, first_answer_weight=10.0)
+    torch.manual_seed(0)
+    model = NSALM(recipe.config)
+    loss_module = training.TrainingLoss(model, reference, recipe)
+    inputs, targets = torch.randint(0, 256, (2, 2, 12))
+    answer = torch.zeros(2, 12, dtype=torch.bool)
+    answer[0, 3:6] = answer[0, 9:11] = answer[1, 0:2] = True  # two answers in row 0, one from the first target
+    first = {(0, 3), (0, 9), (1, 0)}
+    weights = torch.ones(2, 12)
+    for b, t in answer.nonzero().tolist():
+        weights[b, t] = 10.0 if (b, t) in first else 3.0
+    with torch.no_grad():
+        loss, _, _ = loss_module(inputs, targets, answer)
+        ce = torch.nn.functional.cross_entropy(model(inputs, backend="reference").flatten(0, 1), targets.flatten(),
+                                               reduction="none").view(2, 12)
+    assert loss.item() == pytest.approx(((ce * weights).sum() / weights.sum()).item(), rel=1e-5)
+
+
+def test_selected_dropout_switches_the_selected_branch_off_in_whole_rows():
+    """Rows drawn for dropout compute what the model computes with its selected gates shut; others are unchanged."""
+    recipe = tiny_recipe(model=TINY_MODEL | {"top_n": 1, "local_blocks": 1, "init_blocks": 0}, selected_dropout=0.5)
+    torch.manual_seed(0)
+    model, shut = NSALM(recipe.config), NSALM(recipe.config)
+    with torch.no_grad():
+        for layer in model.layers:
+            slc = torch.arange(1, layer.attn.gate.out_features, 3)  # gate outputs are (head, branch) flattened
+            layer.attn.gate.bias[slc] = 3.0  # a selected branch with weight, so switching it off shows
+        shut.load_state_dict(model.state_dict())
+        for layer in shut.layers:
+            layer.attn.gate.weight[slc] = 0.0
+            layer.attn.gate.bias[slc] = -200.0  # sigmoid -> 0
+    ids, targets = torch.randint(0, 256, (2, 8, 96))
+    answer = torch.zeros(8, 96, dtype=torch.bool)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        off = torch.rand(8) < 0.5  # the rows the loss module draws after the same seed
+        assert 0 < off.sum() < 8, "the seed must draw both kinds of rows"
+        torch.manual_seed(1)
+        loss, _, _ = training.TrainingLoss(model, reference, recipe)(ids, targets, answer)
+        logits = torch.where(off[:, None, None], shut(ids, backend="reference"), model(ids, backend="reference"))
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        unchanged = torch.nn.functional.cross_entropy(model(ids, backend="reference").flatten(0, 1), targets.flatten())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss.item() - unchanged.item()) > 2e-4  # far beyond the tolerance above
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -94,7 +146,7 @@ def test_a_time_limit_leaves_with_the_state_saved(tmp_path, corpus_root):
 def test_a_few_cpu_steps_lower_the_heldout_loss(tmp_path, corpus_root):
     recipe = tiny_recipe(max_steps=5)
     heldout = data.stdlib_corpus("heldout", heldout_fraction=0.5, root=corpus_root)
-    untrained = training._rounded(training.NSALM(recipe.config), torch.float32)
+    untrained = training._rounded(NSALM(recipe.config), torch.float32)
     untrained.reset_parameters(seed=recipe.seed)
     before = training.evaluate_heldout(untrained.eval(), heldout, seq_len=256, rows=2)
     result = training.train(recipe, tmp_path / "run", device="cpu", progress=False, corpus_root=corpus_root)
