@@ -307,6 +307,16 @@ def _selected_block_kernel(
 
 
 @triton.jit
+def _merged_slot(ids, cur, FORCED: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Whether a slot's block id has a partial to merge: chosen (not -1) and, with FORCED, not a forced
+    block (the first INIT blocks and the LOCAL blocks ending at the query's block `cur`)."""
+    ok = ids >= 0
+    if FORCED:
+        ok = ok & (ids >= INIT) & (ids <= cur - LOCAL)
+    return ok
+
+
+@triton.jit
 def _merge_partials_kernel(O_PART, LSE_PART, IDX, O, POS0, O_F, LSE_F, TQ, H,
                            G: tl.constexpr, GP: tl.constexpr, N_SLOTS: tl.constexpr,
                            NP: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, SLC_BLOCK: tl.constexpr,
@@ -321,12 +331,9 @@ def _merge_partials_kernel(O_PART, LSE_PART, IDX, O, POS0, O_F, LSE_F, TQ, H,
     slot = tl.arange(0, NP)
     g = tl.arange(0, GP)
     dv = tl.arange(0, BLOCK_DV)
-    if FORCED:
-        cur = (tl.load(POS0 + row // (TQ * H)) + (row // H) % TQ) // SLC_BLOCK
+    cur = (tl.load(POS0 + row // (TQ * H)) + (row // H) % TQ) // SLC_BLOCK if FORCED else 0
     ids = tl.load(IDX + row * N_SLOTS + slot, mask=slot < N_SLOTS, other=-1)
-    valid = (slot < N_SLOTS) & (ids >= 0)  # [NP]
-    if FORCED:
-        valid = valid & (ids >= INIT) & (ids <= cur - LOCAL)
+    valid = (slot < N_SLOTS) & _merged_slot(ids, cur, FORCED, INIT, LOCAL)  # [NP]
     sg_ok = valid[:, None] & (g[None, :] < G)  # [NP, GP]
     lse = tl.load(LSE_PART + (row * N_SLOTS + slot)[:, None] * G + g[None, :], mask=sg_ok, other=float("-inf"))
     lse = tl.where(sg_ok, lse, float("-inf"))  # the buffer of an empty slot is never written
@@ -346,9 +353,7 @@ def _merge_partials_kernel(O_PART, LSE_PART, IDX, O, POS0, O_F, LSE_F, TQ, H,
     for s in tl.static_range(N_SLOTS):
         e = row * N_SLOTS + s
         sid = tl.load(IDX + e + g * 0)  # [GP], the slot's block id on every head's row
-        ok = (sid >= 0) & (g < G)
-        if FORCED:
-            ok = ok & (sid >= INIT) & (sid <= cur - LOCAL)
+        ok = _merged_slot(sid, cur, FORCED, INIT, LOCAL) & (g < G)
         w = tl.exp2(tl.load(LSE_PART + e * G + g, mask=ok, other=float("-inf")) - m_safe)  # [GP]
         part = tl.load(O_PART + (e * G + g[:, None]) * DV + dv[None, :], mask=ok[:, None] & gd_ok, other=0.0)
         o += w[:, None] * part.to(tl.float32)

@@ -170,6 +170,20 @@ def test_select_blocks_across_score_chunks_and_merges(variant, monkeypatch):
                           slc_block=ls)
 
 
+def test_select_blocks_top_n_larger_than_one_merges_candidates():
+    """n = 40 of 80 blocks, more than the 32 candidates one merge takes in (the top-n set is padded)."""
+    l, d, ls, n = 8, 4, 8, 40
+    q, _, _ = _qkv(1, 48, 48, 1, 2)
+    k_cmp = torch.randn(1, (640 - l) // d + 1, 1, 16)
+    starts = torch.tensor([592])
+    _, lse = ref.compressed_attention(q, k_cmp, k_cmp, cmp_block=l, cmp_stride=d, q_start=starts)
+    args = {"cmp_block": l, "cmp_stride": d, "slc_block": ls, "top_n": n, "q_start": starts}
+    idx = kernels.select_blocks(q, k_cmp, lse, **args)
+    scores = ref.importance_scores(q, k_cmp, lse, cmp_block=l, cmp_stride=d, slc_block=ls, q_start=starts)
+    assert_same_selection(idx, ref.select_blocks(q, k_cmp, lse, **args), scores, starts[:, None] + torch.arange(48),
+                          slc_block=ls)
+
+
 def test_select_blocks_last_queries_of_longer_sequence():
     q, _, _ = _qkv(2, 6, 6, 2, 4)
     k_cmp, v_cmp = _cmp_kv(2, 300, 2)
