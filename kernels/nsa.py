@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa_core.reference import NSAParts
+from nsa_core.reference import NSAParts, selection_lse
 
 from .common import check_qkv, forward_only, query_starts, resolve_scale
 from .interval_attention import MODE_CMP, MODE_FORCED, MODE_WIN, interval_attention
@@ -54,7 +54,8 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=N
         o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, cmp_block=c.cmp_block,
                                         cmp_stride=c.cmp_stride, want_lse=True)
         # 2. top-n selection from the compressed branch's probabilities
-        block_idx = _select(q, k_cmp, lse, pos0, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
+        score_lse = selection_lse(q, k_cmp, lse, config=c, scale=scale, q_start=pos0)
+        block_idx = _select(q, k_cmp, score_lse, pos0, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
                             slc_block=c.slc_block, top_n=c.top_n, scale=scale, init_blocks=c.init_blocks,
                             local_blocks=c.local_blocks)
         # 3. selected branch

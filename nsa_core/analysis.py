@@ -58,7 +58,7 @@ class QueryDetail:
     query: int
     cmp_probs: np.ndarray  # [HQ, Tc] compressed-branch probabilities (0 for tokens not yet complete)
     lse_cmp: np.ndarray  # [HQ] (-inf when no compressed token is visible)
-    block_importance: np.ndarray  # [H, Ns] p_slc' summed over the group (0 for future blocks)
+    block_importance: np.ndarray  # [H, Ns] p_slc' summed over the group, per config.slc_scores (0 for future blocks)
     selected: np.ndarray  # [H, n] int32 chosen blocks, ascending, -1 padding
     forced: np.ndarray  # [Ns] bool: blocks every query at this position takes
     window: tuple[int, int]  # inclusive first and last key of the sliding window
@@ -141,7 +141,8 @@ def query_detail(model: NSALM, ids: torch.Tensor, *, layer: int, query: int,
     num_slc = masks.num_selection_blocks(T, c.slc_block)
     _, lse = reference.compressed_attention(q, k_cmp, a.v_cmp[:1].float(), cmp_block=c.cmp_block,
                                             cmp_stride=c.cmp_stride, q_start=query)  # [1, 1, HQ]
-    scores = reference.importance_scores(q, k_cmp, lse, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
+    score_lse = reference.selection_lse(q, k_cmp, lse, config=c, q_start=query)
+    scores = reference.importance_scores(q, k_cmp, score_lse, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
                                          slc_block=c.slc_block, q_start=query, num_slc=num_slc)  # [1, 1, H, Ns]
     pos = torch.tensor([[query]], device=q.device)
     selected = reference.top_n_blocks(scores, pos, slc_block=c.slc_block, top_n=c.top_n, init_blocks=c.init_blocks,

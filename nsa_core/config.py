@@ -12,6 +12,8 @@ Paper symbols (arXiv 2502.11089) map to fields once, here:
 | -     | local_blocks | blocks ending at the query always selected (paper: 2: c and c-1)  |
 | w     | window       | sliding-window size in tokens, the query itself included          |
 | phi   | cmp_fn       | "mlp" (learned intra-block position encoding + MLP) or "mean"     |
+| -     | slc_scores   | "paper" (Eq. 10) or "free": each head's importance renormalised   |
+|       |              | over the blocks not forced before the group sum (reference.py)    |
 | h, g  | n_head, n_kv_head | query heads HQ and KV heads H; G = HQ // H heads share a group |
 | d_k, d_v | head_dim, v_head_dim | query/key and value head dims                        |
 
@@ -34,6 +36,7 @@ FORMAT_VERSION = 1
 ATTENTION_KINDS = ("nsa", "dense")
 CMP_FNS = ("mlp", "mean")
 KV_MODES = ("shared", "independent")
+SLC_SCORES = ("paper", "free")
 
 
 class ConfigError(ValueError):
@@ -66,6 +69,7 @@ class NSAConfig:
     cmp_fn: str = "mlp"
     cmp_mlp_hidden: int = 64
     kv_mode: str = "shared"
+    slc_scores: str = "paper"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +106,7 @@ class NSAConfig:
         _one_of("attention", self.attention, ATTENTION_KINDS)
         _one_of("cmp_fn", self.cmp_fn, CMP_FNS)
         _one_of("kv_mode", self.kv_mode, KV_MODES)
+        _one_of("slc_scores", self.slc_scores, SLC_SCORES)
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:

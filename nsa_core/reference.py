@@ -26,6 +26,11 @@ _CHUNK_ELEMENTS = 1 << 24
 # Gathered key/value elements per chunk in selected_attention (measured fastest on a 2-core CPU).
 _GATHER_ELEMENTS = 1 << 21
 
+# Below this share of a head's importance on blocks that are not forced, slc_scores "free" gives the head
+# no vote: 1 - share is then float32 rounding (a sum of ~10 terms near 1), which the renormalisation
+# would blow up into a full vote.
+MIN_FREE_SHARE = 1e-5
+
 
 def compressed_attention(q, k_cmp, v_cmp, *, cmp_block, cmp_stride, scale=None, q_start=None):
     """Attention of each query over the compressed tokens whose whole window lies in its past.
@@ -87,6 +92,72 @@ def importance_scores(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, scale=
         p_slc = p_cmp @ weights  # [B, C, H, G, Ns]
         out.append(p_slc.sum(3))  # [B, C, H, Ns]
     return torch.cat(out, 1) if out else q.new_zeros(B, 0, H, num_slc, dtype=torch.float32)
+
+
+def forced_share(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, init_blocks, local_blocks, scale=None,
+                 q_start=None):
+    """The share of each query head's block importance (Eq. 9, before the group sum) on its forced blocks.
+
+    q [B, TQ, HQ, Dk], k_cmp [B, Tc, H, Dk], lse [B, TQ, HQ] -> [B, TQ, HQ] in [0, 1] (0 on empty rows).
+    Compressed token i gives the blocks it overlaps weights summing to l / d, so a head's importance over
+    all blocks is l / d; only the tokens overlapping a forced block (the first init_blocks, or the
+    local_blocks ending at the query's) are read: at most l'/d * init_blocks + l'/d * local_blocks + l/d.
+    """
+    B, TQ, HQ, Dk = q.shape
+    Tc, H = k_cmp.shape[1], k_cmp.shape[2]
+    G = _group_size(HQ, H)
+    scale = _scale(q, scale)
+    l, d, ls = cmp_block, cmp_stride, slc_block
+    pos = masks.query_positions(q_start, B, TQ, 0, q.device)  # [B, TQ]
+    visible = masks.visible_compressed(pos, l, d)  # [B, TQ]
+    init_end = init_blocks * ls  # forced range A = [0, init_end)
+    local_lo = ((pos // ls - local_blocks + 1).clamp_min(0) * ls)[..., None]  # forced range B = [local_lo, local_hi)
+    local_hi = (pos // ls + 1)[..., None] * ls
+    n_init = min(Tc, -(-init_end // d))  # tokens starting inside A
+    n_local = local_blocks * ls // d + l // d  # at most this many tokens overlap B
+    first = torch.maximum(torch.div(local_lo - l, d, rounding_mode="floor") + 1, torch.full_like(local_lo, n_init))
+    tokens = torch.cat([torch.arange(n_init, device=q.device).expand(B, TQ, n_init),
+                        first + torch.arange(n_local, device=q.device)], -1)  # [B, TQ, K], no token twice
+    live = tokens < visible[..., None]
+    start, end = tokens * d, tokens * d + l
+
+    def overlap(lo, hi):
+        return (torch.minimum(end, hi) - torch.maximum(start, lo)).clamp_min(0)
+
+    # Overlap with A ∪ B = A + B - A ∩ B (they meet when the local blocks reach back to the initial ones).
+    zero, a_end = torch.zeros_like(local_lo), torch.full_like(local_lo, init_end)
+    weight = overlap(zero, a_end) + overlap(local_lo, local_hi) - overlap(local_lo, torch.minimum(local_hi, a_end))
+    weight = torch.where(live, weight.float() / l, 0.0)  # [B, TQ, K], share of the token's l / d in A ∪ B
+    tokens = tokens.clamp(0, max(Tc - 1, 0))
+    kc = k_cmp.detach().float()
+    out = []
+    for lo, hi in _chunks(TQ, tokens.shape[-1] * HQ * Dk):
+        keys = kc[torch.arange(B, device=q.device)[:, None, None], tokens[:, lo:hi]] if Tc else \
+            kc.new_zeros(B, hi - lo, tokens.shape[-1], H, Dk)  # [B, C, K, H, Dk]
+        qc = q[:, lo:hi].detach().float().unflatten(2, (H, G))  # [B, C, H, G, Dk]
+        s = torch.einsum("bchgd,bckhd->bchgk", qc, keys) * scale
+        row_lse = lse[:, lo:hi].detach().float().unflatten(2, (H, G))[..., None]  # [B, C, H, G, 1]
+        p = torch.where(torch.isfinite(row_lse), torch.exp(s - row_lse), 0.0)
+        out.append((p * weight[:, lo:hi, None, None, :]).sum(-1).flatten(2))  # [B, C, HQ]
+    return torch.cat(out, 1).clamp(0.0, 1.0) if out else q.new_zeros(B, 0, HQ, dtype=torch.float32)
+
+
+def selection_lse(q, k_cmp, lse, *, config, scale=None, q_start=None):
+    """The lse the block scores are computed with: config.slc_scores "paper" gives lse itself (Eq. 8-10).
+
+    "free" renormalises each query head's importance over the blocks that are not forced, before the
+    group sum: a head whose compressed attention sits on the always-selected blocks (the query's own
+    text, for instance) still casts a whole vote on the blocks that compete. Dividing p = exp(s - lse)
+    by the free share is a shift of lse: lse + log(1 - forced share). A head with at most MIN_FREE_SHARE
+    free casts no vote (lse -inf): that little is float32 rounding of the forced mass, not attention.
+    """
+    if config.slc_scores == "paper":
+        return lse
+    share = forced_share(q, k_cmp, lse, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+                         slc_block=config.slc_block, init_blocks=config.init_blocks,
+                         local_blocks=config.local_blocks, scale=scale, q_start=q_start)
+    free = 1.0 - share
+    return torch.where(free > MIN_FREE_SHARE, lse.float() + torch.log(free.clamp_min(MIN_FREE_SHARE)), -torch.inf)
 
 
 def top_n_blocks(scores, pos, *, slc_block, top_n, init_blocks=1, local_blocks=2):
@@ -234,7 +305,8 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=N
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
                                       scale=scale, q_start=q_start)
     # 2. top-n selection from the compressed branch's probabilities
-    block_idx = select_blocks(q, k_cmp, lse, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+    block_idx = select_blocks(q, k_cmp, selection_lse(q, k_cmp, lse, config=config, scale=scale, q_start=q_start),
+                              cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
                               slc_block=config.slc_block, top_n=config.top_n, scale=scale, q_start=q_start,
                               init_blocks=config.init_blocks, local_blocks=config.local_blocks)
     # 3. selected branch

@@ -3,8 +3,8 @@
 Per layer (T tokens, HQ query heads, H KV heads, n selected blocks):
 - gates [T, HQ, 3]: sigmoid gates in (cmp, slc, win) order;
 - block_idx [T, H, n]: selected blocks, ascending, -1 padding;
-- block_scores [T, H, n]: importance p_slc' of each chosen block (NaN in -1 slots; forced blocks keep
-  their real score, since forcing does not change it);
+- block_scores [T, H, n]: importance p_slc' of each chosen block, as config.slc_scores computes it (NaN
+  in -1 slots; forced blocks keep their real score, since forcing does not change it);
 - lse_cmp [T, HQ]: log-sum-exp of the compressed branch (-inf where no compressed token is visible);
 - branch_norms [T, HQ, 3]: L2 norm of each branch's output before gating.
 The window of query t is [max(0, t - w + 1), t]; it is derived from the config, not stored.
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import masks
+from . import masks, reference
 from .config import ConfigError, NSAConfig
 
 TRACE_FORMAT = "nsa_trace"
@@ -49,7 +49,9 @@ class LayerTrace:
     def from_parts(cls, config: NSAConfig, inputs, parts) -> LayerTrace:
         """Record batch row 0 of one layer's AttentionInputs and NSAParts."""
         with torch.no_grad():
-            block_scores = chosen_block_scores(config, inputs.q[0], inputs.k_cmp[0], parts.lse_cmp[0],
+            score_lse = reference.selection_lse(inputs.q[:1], inputs.k_cmp[:1], parts.lse_cmp[:1], config=config,
+                                                q_start=0)[0]  # [T, HQ]
+            block_scores = chosen_block_scores(config, inputs.q[0], inputs.k_cmp[0], score_lse,
                                                parts.block_idx[0])  # [T, H, n]
             norms = torch.stack([parts.o_cmp[0].float().norm(dim=-1), parts.o_slc[0].float().norm(dim=-1),
                                  parts.o_win[0].float().norm(dim=-1)], -1)  # [T, HQ, 3]

@@ -58,6 +58,7 @@ class FlexNSA:
         """Top-n block ids [B, T, H, n] from the compressed branch's scores (Eq. 8-12); no gradient."""
         c = config
         q, k_cmp, lse = q.detach(), k_cmp.detach(), lse.detach()
+        lse = reference.selection_lse(q, k_cmp, lse, config=c, scale=scale, q_start=0)
         if self.triton_select:
             import kernels  # the forward-only kernels: the selection has no gradient to give
 

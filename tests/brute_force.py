@@ -108,6 +108,25 @@ def importance(q, k_cmp, q_pos, *, cmp_block, cmp_stride, slc_block, num_slc, sc
     return p_slc.reshape(B, TQ, H, HQ // H, num_slc).sum(3)
 
 
+def free_importance(q, k_cmp, q_pos, *, cmp_block, cmp_stride, slc_block, num_slc, scale, init_blocks,
+                    local_blocks, min_free=1e-5):
+    """slc_scores "free": each head's Eq. 9 importance divided by its share on blocks that are not forced
+    (a head with at most `min_free` of it free counts 0), then summed over each group: [B, TQ, H, Ns]."""
+    B, TQ, HQ, _ = q.shape
+    Tc, H = k_cmp.shape[1], k_cmp.shape[2]
+    p_cmp = compressed_probabilities(q, k_cmp, q_pos, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=scale)
+    p_slc = p_cmp @ remap_matrix(Tc, num_slc, cmp_block=cmp_block, cmp_stride=cmp_stride, slc_block=slc_block)
+    for b in range(B):
+        for i in range(TQ):
+            t = int(q_pos[b, i])
+            free = [j for j in range(num_slc) if j not in forced(t, slc_block=slc_block, init_blocks=init_blocks,
+                                                                 local_blocks=local_blocks)]
+            for hq in range(HQ):
+                total, free_mass = float(p_slc[b, i, hq].sum()), float(p_slc[b, i, hq, free].sum())
+                p_slc[b, i, hq] *= total / free_mass if free_mass > min_free * total else 0.0
+    return p_slc.reshape(B, TQ, H, HQ // H, num_slc).sum(3)
+
+
 def forced(t, *, slc_block, init_blocks, local_blocks):
     """Blocks a query at t always selects: the first init_blocks and the local_blocks ending at its own."""
     current = t // slc_block

@@ -14,7 +14,7 @@ NON_DEFAULT = {
     "vocab_size": 300, "d_model": 96, "n_layer": 3, "n_head": 12, "n_kv_head": 3, "head_dim": 24, "v_head_dim": 20,
     "mlp_hidden": 200, "rope_theta": 500000.0, "norm_eps": 1e-6, "cmp_block": 48, "cmp_stride": 8, "slc_block": 32,
     "top_n": 7, "init_blocks": 2, "local_blocks": 3, "window": 100, "cmp_fn": "mean", "cmp_mlp_hidden": 16,
-    "kv_mode": "independent",
+    "kv_mode": "independent", "slc_scores": "free",
 }
 
 
@@ -22,6 +22,7 @@ def test_defaults_are_the_paper_configuration():
     c = NSAConfig()
     assert (c.cmp_block, c.cmp_stride, c.slc_block, c.top_n, c.window) == (32, 16, 64, 16, 512)
     assert (c.init_blocks, c.local_blocks, c.attention, c.cmp_fn, c.kv_mode) == (1, 2, "nsa", "mlp", "shared")
+    assert c.slc_scores == "paper"
     assert c.group_size == c.n_head // c.n_kv_head
 
 
@@ -72,6 +73,7 @@ INVALID = {
     "attention kind": ({"attention": "sparse"}, ["attention", "'sparse'", "nsa", "dense"]),
     "cmp_fn": ({"cmp_fn": "max"}, ["cmp_fn", "'max'", "mlp", "mean"]),
     "kv_mode": ({"kv_mode": "split"}, ["kv_mode", "'split'", "shared", "independent"]),
+    "slc_scores": ({"slc_scores": "renorm"}, ["slc_scores", "'renorm'", "paper", "free"]),
     "heads not grouped": ({"n_head": 6, "n_kv_head": 4}, ["n_head (6)", "multiple", "n_kv_head (4)"]),
     "odd head dim": ({"head_dim": 33}, ["head_dim (33)", "even", "RoPE"]),
     "l not a multiple of d": ({"cmp_block": 24, "cmp_stride": 16}, ["cmp_block", "(24)", "cmp_stride", "(16)"]),

@@ -271,15 +271,17 @@ def _config(G, **changes):
     return NSAConfig(**{**fields, **changes})
 
 
+@pytest.mark.parametrize("slc_scores", ["paper", "free"])
 @pytest.mark.parametrize("G", [1, 4])
-def test_nsa_attention_parts_match_reference(G):
-    cfg = _config(G)
+def test_nsa_attention_parts_match_reference(G, slc_scores):
+    cfg = _config(G, slc_scores=slc_scores)
     q, k, v = _qkv(1, 75, 75, 2, G)
     k_cmp, v_cmp = _cmp_kv(1, 75, 2)
     gates = torch.rand(1, 75, 2 * G, 3)
     parts = kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg, return_parts=True)
     want = ref.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg, return_parts=True)
-    scores = ref.importance_scores(q, k_cmp, want.lse_cmp, cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC)
+    score_lse = ref.selection_lse(q, k_cmp, want.lse_cmp, config=cfg, q_start=0)
+    scores = ref.importance_scores(q, k_cmp, score_lse, cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC)
     assert_same_selection(parts.block_idx, want.block_idx, scores, torch.arange(75)[None], slc_block=L_SLC)
     for name in ("o", "o_cmp", "o_slc", "o_win"):
         _close(getattr(parts, name), getattr(want, name))

@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nsa_core import masks, reference
+from nsa_core.config import NSAConfig
 from tests import brute_force as bf
-from tests.test_reference import DK, GROUPS, LENGTHS, PAPER, make_inputs, nsa_params
+from tests.test_reference import DK, DV, GROUPS, LENGTHS, PAPER, make_inputs, nsa_params
 
 HYPERPARAMETERS = {
     "paper": PAPER,
@@ -155,6 +156,52 @@ def test_importance_matches_brute_force(T, G):
     torch.testing.assert_close(scores.sum(-1)[seen].double(), torch.full_like(expected.sum(-1)[seen], 2 * G),
                                rtol=1e-5, atol=1e-5)
     assert (scores[~seen] == 0).all()
+
+
+@pytest.mark.parametrize("hp", [PAPER, nsa_params(16, 8, 16, 6, init_blocks=3, local_blocks=2),
+                                nsa_params(12, 4, 8, 5, init_blocks=1, local_blocks=0),
+                                nsa_params(8, 8, 8, 5, init_blocks=0, local_blocks=3)],
+                         ids=["paper", "init3", "no-local", "no-init"])
+@pytest.mark.parametrize("q_start", [0, 37])
+def test_free_scores_match_brute_force(hp, q_start):
+    """slc_scores "free" through its lse shift equals renormalising each head over its free blocks by hand."""
+    T = 300
+    x = make_inputs(T, 3, TQ=T - q_start, dtype=torch.float32, hp=hp)
+    l, d, ls = hp["cmp_block"], hp["cmp_stride"], hp["slc_block"]
+    config = NSAConfig(n_head=x["q"].shape[2], n_kv_head=x["k_cmp"].shape[2], head_dim=DK, v_head_dim=DV,
+                       slc_scores="free", **hp)
+    _, lse = reference.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], cmp_block=l, cmp_stride=d, q_start=q_start)
+    free_lse = reference.selection_lse(x["q"], x["k_cmp"], lse, config=config, q_start=q_start)
+    scores = reference.importance_scores(x["q"], x["k_cmp"], free_lse, cmp_block=l, cmp_stride=d, slc_block=ls,
+                                         q_start=q_start)
+    q_pos = bf.positions(x["q"].shape[0], T - q_start, q_start)
+    expected = bf.free_importance(x["q"], x["k_cmp"], q_pos, cmp_block=l, cmp_stride=d, slc_block=ls,
+                                  num_slc=scores.shape[-1], scale=DK**-0.5, init_blocks=hp["init_blocks"],
+                                  local_blocks=hp["local_blocks"])
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(reference.selection_lse(x["q"], x["k_cmp"], lse, config=config.replace(slc_scores="paper"),
+                                               q_start=q_start), lse)
+
+
+def test_free_scores_pick_the_block_a_head_prefers_over_what_the_others_spread():
+    """The case "free" is for: one head of a group puts nearly all its compressed attention on its own
+    (forced) block and the rest on block 1; another spreads evenly. Eq. 10 ranks by the spread head,
+    "free" gives the first head's whole remaining vote to block 1."""
+    hp = nsa_params(16, 16, 16, 2, init_blocks=0, local_blocks=1)  # l = d = l': one compressed token per block
+    Tc = 8
+    k_cmp = torch.zeros(1, Tc, 1, 8)
+    k_cmp[0, :, 0, :Tc] = torch.eye(Tc) * 10  # token i is direction i
+    q = torch.zeros(1, 1, 2, 8)
+    q[0, 0, 0, 7], q[0, 0, 0, 1] = 1.0, 0.6  # head 0: 0.98 on block 7 (its own), 0.018 on block 1
+    q[0, 0, 1, 3] = 0.03  # head 1: 0.16 on block 3, 0.12 on every other
+    config = NSAConfig(n_head=2, n_kv_head=1, head_dim=8, v_head_dim=8, slc_scores="free", **hp)
+    args = {"cmp_block": 16, "cmp_stride": 16, "slc_block": 16, "top_n": 2, "init_blocks": 0, "local_blocks": 1,
+            "scale": 1.0, "q_start": 127}
+    _, lse = reference.compressed_attention(q, k_cmp, k_cmp, cmp_block=16, cmp_stride=16, scale=1.0, q_start=127)
+    paper = reference.select_blocks(q, k_cmp, lse, **args)
+    free = reference.select_blocks(q, k_cmp, reference.selection_lse(q, k_cmp, lse, config=config, scale=1.0,
+                                                                     q_start=127), **args)
+    assert paper[0, 0, 0].tolist() == [3, 7] and free[0, 0, 0].tolist() == [1, 7]
 
 
 # Top-n ----------------------------------------------------------------------------------------------

@@ -56,8 +56,9 @@ def test_trace_changes_no_output_bit_on_the_triton_backend():
     assert (trace.layers[0].block_idx[:, :, 0] == 0).all()  # block 0 is always chosen, first in ascending order
 
 
-def test_trace_records_what_the_reference_computed():
-    model, ids = build()
+@pytest.mark.parametrize("slc_scores", ["paper", "free"])
+def test_trace_records_what_the_reference_computed(slc_scores):
+    model, ids = build(slc_scores=slc_scores)
     c = model.config
     with torch.no_grad():
         _, trace = model(ids, trace=True)
@@ -74,7 +75,8 @@ def test_trace_records_what_the_reference_computed():
         np.testing.assert_array_equal(lt.lse_cmp, parts.lse_cmp[0].numpy())
         norms = np.stack([parts.o_cmp[0].norm(dim=-1), parts.o_slc[0].norm(dim=-1), parts.o_win[0].norm(dim=-1)], -1)
         np.testing.assert_allclose(lt.branch_norms, norms, rtol=1e-6)
-        scores = reference.importance_scores(a.q, a.k_cmp, parts.lse_cmp, cmp_block=c.cmp_block,
+        score_lse = reference.selection_lse(a.q, a.k_cmp, parts.lse_cmp, config=c, q_start=0)
+        scores = reference.importance_scores(a.q, a.k_cmp, score_lse, cmp_block=c.cmp_block,
                                              cmp_stride=c.cmp_stride, slc_block=c.slc_block)[0]  # [T, H, Ns]
         idx = torch.from_numpy(lt.block_idx).long()
         expected = torch.where(idx >= 0, torch.gather(scores, -1, idx.clamp_min(0)), torch.nan)

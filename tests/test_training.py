@@ -222,11 +222,11 @@ def test_ddp_with_two_gloo_processes(tmp_path, corpus_root):
     load_pretrained(tmp_path / "ddp")
 
 
-def _flex_inputs(device, requires_grad):
+def _flex_inputs(device, requires_grad, slc_scores="paper"):
     from nsa_core.config import NSAConfig
 
     config = NSAConfig(n_head=4, n_kv_head=2, head_dim=16, v_head_dim=16, cmp_block=16, cmp_stride=8, slc_block=32,
-                       top_n=3, window=48)
+                       top_n=4, window=48, slc_scores=slc_scores)
     B, T, Tc = 1, 160, (160 - 16) // 8 + 1
     shapes = [(B, T, 4, 16), (B, T, 2, 16), (B, T, 2, 16), (B, Tc, 2, 16), (B, Tc, 2, 16)]
     inputs = [torch.randn(s, device=device, requires_grad=requires_grad) for s in shapes]
@@ -235,12 +235,13 @@ def _flex_inputs(device, requires_grad):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("slc_scores", ["paper", "free"])
 @pytest.mark.parametrize("triton_select", [False, True], ids=["reference-select", "triton-select"])
-def test_flex_attention_path_matches_the_reference_forward(triton_select):
+def test_flex_attention_path_matches_the_reference_forward(triton_select, slc_scores):
     from nsa_core import reference
     from nsa_core.train_attention import FlexNSA
 
-    config, inputs = _flex_inputs("cpu", requires_grad=False)
+    config, inputs = _flex_inputs("cpu", requires_grad=False, slc_scores=slc_scores)
     expected = reference.nsa_attention(*inputs, config=config)
     actual = FlexNSA(compile=False, triton_select=triton_select).nsa_attention(*inputs, config=config)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
