@@ -1,7 +1,8 @@
 """The whole NSA attention of one layer on the kernels, in paper order (design.md, spec section 2.7).
 
 1. compressed branch: o_cmp and its lse (interval kernel, MODE_CMP);
-2. block selection: scores, remap, group sum, forced blocks and top-n in one kernel (select.py);
+2. block selection: scores, remap, group sum, forced blocks and top-n in one kernel (select.py), from
+   the lse config.slc_scores asks for (`reference.selection_lse`: the paper's, or shifted in PyTorch);
 3. selected branch (selected.py), the forced blocks densely first (interval kernel, MODE_FORCED);
 4. sliding window with the gated sum of Eq. 5 fused into its epilogue (window.py).
 The sum's output is bit-identical with and without return_parts: the same fused launch produces o,

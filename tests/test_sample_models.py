@@ -79,7 +79,10 @@ def test_the_twins_share_recipe_data_and_steps(recipe_file, metrics_of):
     recipes = {name: Recipe.load(MODELS / name / recipe_file) for name in NAMES}
     metrics = {name: metrics_of(json.loads((MODELS / name / "metrics.json").read_text())) for name in NAMES}
     for name, recipe in recipes.items():
-        assert recipe.config == read_config(MODELS / name)
+        # slc_scores only changes which blocks are selected: a shipped model may be served with other
+        # scores than it was trained with (nsa-tiny's card says so and shows both grids' numbers).
+        shipped = read_config(MODELS / name)
+        assert recipe.config == shipped.replace(slc_scores=recipe.config.slc_scores)
     nsa, dense = recipes["nsa-tiny"], recipes["dense-tiny"]
     assert nsa.config.attention == "nsa" and dense.config.attention == "dense"
     # A step's rows depend only on the global batch, however it was split over processes.
