@@ -32,6 +32,9 @@ each stage's temporaries before the next, so the peak is
   slc (reference): one chunk of gathered keys/values (about 2^21 elements), their scores and ids.
   win (reference): one chunk of w queries x HQ x (2w) keys float32, about 6 live copies.
   The Triton kernels hold no chunk and no T x Ns matrix: only their outputs.
+  free share (slc_scores "free", either backend): the K compressed tokens overlapping each query's
+    forced blocks, their int64 ids and overlaps (T x K), and one chunk of their gathered keys and
+    scores (`reference.forced_share`); the trace repeats it before scoring the chosen blocks.
   mlp: gate, up, silu(gate) and their product, 4 x T F a.
   head: the final RMSNorm and the logits T x V in the model dtype and in float32.
 - trace assembly (after the last layer): all L records, the logits, the numpy trace arrays
@@ -373,9 +376,6 @@ def _attention_stages(s: _Sizes, base: list[MemoryTerm], inputs: MemoryTerm, *, 
     slc_done = sel_done + [_term("o_slc", "T HQ Dv a", s.out)]
     gated = base + [inputs, _term("o, o_cmp, o_slc, o_win + lse + idx", "4 T HQ Dv a + ...",
                                   4 * s.out + s.lse + s.block_idx)]
-    if backend == "triton":
-        # The kernels write their outputs and nothing else: no chunk, no T x Ns matrix.
-        return {"forward/attention": gated}
     per_q_cmp = HQ * max(s.Tc, 1)
     chunk_cmp = min(T, max(1, REFERENCE_CHUNK_ELEMENTS // per_q_cmp)) * per_q_cmp * 4
     per_q_sel = HQ * max(s.Tc, s.Ns, 1)
@@ -388,7 +388,14 @@ def _attention_stages(s: _Sizes, base: list[MemoryTerm], inputs: MemoryTerm, *, 
     win_q = min(T, c.window, max(1, REFERENCE_CHUNK_ELEMENTS // (HQ * 2 * c.window)))
     chunk_win = win_q * HQ * min(T, win_q + c.window - 1) * 4
     scores = T * H * s.Ns
+    free = {}
+    if c.slc_scores == "free":
+        free["forward/free share"] = base + [inputs] + cmp_done + _free_share_terms(s)
+    if backend == "triton":
+        # The kernels write their outputs and nothing else: no chunk, no T x Ns matrix.
+        return {**free, "forward/attention": gated}
     return {
+        **free,
         "forward/cmp": base + [inputs, out_built,
                                _term("cmp score chunk", "6 C HQ Tc 4", _SOFTMAX_COPIES * chunk_cmp)],
         "forward/importance": base + [inputs] + cmp_done + [
@@ -405,6 +412,24 @@ def _attention_stages(s: _Sizes, base: list[MemoryTerm], inputs: MemoryTerm, *, 
                                                            _SOFTMAX_COPIES * chunk_win)],
         "forward/gate": gated,
     }
+
+
+def _free_share_terms(s: _Sizes) -> list[MemoryTerm]:
+    """slc_scores "free": `reference.forced_share` over the K compressed tokens that overlap forced blocks."""
+    c, T = s.c, s.T
+    l, d, ls = c.cmp_block, c.cmp_stride, c.slc_block
+    K = -(-c.init_blocks * ls // d) + c.local_blocks * ls // d + l // d
+    per_q = K * c.n_head * c.head_dim
+    C = min(T, max(1, REFERENCE_CHUNK_ELEMENTS // per_q))
+    # Per (query, token): ids, bounds and overlaps as int64 (about 8 live), the float32 weight.
+    index = T * K * (8 * 8 + 4)
+    # Per chunk: the gathered keys (advanced indexing, up to 4 copies), q in float32, scores and
+    # probabilities; the float32 copy of k_cmp and the [T, HQ] share.
+    chunk = C * K * c.n_kv_head * c.head_dim * 4 * 4 + C * c.n_head * (c.head_dim + 3 * K) * 4
+    whole = s.Tc * c.n_kv_head * c.head_dim * 4 + 2 * T * c.n_head * 4
+    return [_term("forced-share indices", "T K (8 8 + 4)", index),
+            _term("forced-share chunk", "C K H Dk 16 + C HQ (Dk + 3 K) 4", chunk),
+            _term("k_cmp float32 + share", "Tc H Dk 4 + 2 T HQ 4", whole)]
 
 
 def _trace_assembly(s: _Sizes) -> list[MemoryTerm]:
@@ -425,7 +450,7 @@ def _trace_assembly(s: _Sizes) -> list[MemoryTerm]:
         _term("chosen-block index chunk", "C H n R (5 8 + 4)", index),
         _term("one block's keys, scores", "C H R (16 Dk + 16 G)", gather),
         _term("chosen-block scores", "2 T H n 4 + C HQ Dk 4", scores),
-    ]
+    ] + (_free_share_terms(s) if c.slc_scores == "free" else [])  # the selection lse, before the scores
 
 
 def _analysis_phase(s: _Sizes, name: str, *, backend: str) -> list[MemoryTerm]:

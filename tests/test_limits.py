@@ -43,9 +43,11 @@ def test_chunk_budgets_match_the_code_they_describe():
     assert limits.ANALYSIS_ROWS_ELEMENTS == analysis._KERNEL_ROWS_ELEMENTS
 
 
+@pytest.mark.parametrize("slc_scores", ["paper", "free"])
 @pytest.mark.parametrize("tokens, traced", [(512, True), (2048, False)])
-def test_estimate_bounds_the_measured_peak_tightly(tokens, traced):
-    model = NSALM(TINY).eval().requires_grad_(False)
+def test_estimate_bounds_the_measured_peak_tightly(tokens, traced, slc_scores):
+    config = TINY.replace(slc_scores=slc_scores)
+    model = NSALM(config).eval().requires_grad_(False)
     ids = torch.randint(0, 256, (1, tokens))
 
     def run():
@@ -54,7 +56,7 @@ def test_estimate_bounds_the_measured_peak_tightly(tokens, traced):
         del out
 
     measured = allocated_peak(run)
-    estimate = limits.estimate_memory(TINY, tokens, trace=traced)
+    estimate = limits.estimate_memory(config, tokens, trace=traced)
     assert measured <= estimate.tensor_bytes, estimate.describe()
     # An upper bound that is also useful: never more than 1.8x what really gets allocated.
     assert estimate.tensor_bytes <= 1.8 * measured, (measured, estimate.describe())
