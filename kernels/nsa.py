@@ -55,8 +55,8 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=N
         o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, cmp_block=c.cmp_block,
                                         cmp_stride=c.cmp_stride, want_lse=True)
         # 2. top-n selection from the compressed branch's probabilities
-        score_lse = selection_lse(q, k_cmp, lse, config=c, scale=scale, q_start=pos0)
-        block_idx = _select(q, k_cmp, score_lse, pos0, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
+        lse_slc = selection_lse(q, k_cmp, lse, config=c, scale=scale, q_start=pos0)
+        block_idx = _select(q, k_cmp, lse_slc, pos0, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
                             slc_block=c.slc_block, top_n=c.top_n, scale=scale, init_blocks=c.init_blocks,
                             local_blocks=c.local_blocks)
         # 3. selected branch
@@ -72,4 +72,4 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=N
         if not return_parts:
             return o
         o_win = interval_attention(q, k_win, v_win, pos0, mode=MODE_WIN, scale=scale, window=c.window)
-    return NSAParts(o, o_cmp, o_slc, o_win, lse, block_idx)
+    return NSAParts(o, o_cmp, o_slc, o_win, lse, block_idx, lse_slc)

@@ -18,7 +18,7 @@ each stage's temporaries before the next, so the peak is
 
 - persistent: the residual stream (3 x T dm a: embedding, x + attention, x + MLP) and, when tracing,
   the records of the L - 1 finished layers (q, k, v, gates, compressed k/v, the four branch outputs,
-  lse and block_idx of each: linear in T).
+  lse, block_idx and, under slc_scores "free", the selection's lse of each: linear in T).
 - stages of one layer, each holding the layer's inputs (q, k, v, k_cmp, v_cmp, gates) and the
   outputs computed so far:
   proj: RMSNorm in float32, q/k/v and the un-rotated copies phi reads, RoPE's float32 temporaries
@@ -34,7 +34,7 @@ each stage's temporaries before the next, so the peak is
   The Triton kernels hold no chunk and no T x Ns matrix: only their outputs.
   free share (slc_scores "free", either backend): the K compressed tokens overlapping each query's
     forced blocks, their int64 ids and overlaps (T x K), and one chunk of their gathered keys and
-    scores (`reference.forced_share`); the trace repeats it before scoring the chosen blocks.
+    scores (`reference.forced_share`); traced layers keep that lse in their records.
   mlp: gate, up, silu(gate) and their product, 4 x T F a.
   head: the final RMSNorm and the logits T x V in the model dtype and in float32.
 - trace assembly (after the last layer): all L records, the logits, the numpy trace arrays
@@ -320,8 +320,10 @@ class _Sizes:
         self.out = out * a  # one branch output [T, HQ, Dv]
         self.lse = T * c.n_head * 4
         self.block_idx = T * c.n_kv_head * c.top_n * 4
-        # One traced layer keeps its inputs and NSAParts (o, o_cmp, o_slc, o_win, lse, block_idx).
-        self.record = self.inputs + 4 * self.out + self.lse + self.block_idx if self.nsa else 0
+        # One traced layer keeps its inputs and NSAParts (o, o_cmp, o_slc, o_win, lse, block_idx, and the
+        # selection's lse, a tensor of its own only under slc_scores "free").
+        lse_slc = self.lse if self.nsa and c.slc_scores == "free" else 0
+        self.record = self.inputs + 4 * self.out + self.lse + lse_slc + self.block_idx if self.nsa else 0
         self.residual = 3 * T * c.d_model * a
 
 
@@ -450,7 +452,7 @@ def _trace_assembly(s: _Sizes) -> list[MemoryTerm]:
         _term("chosen-block index chunk", "C H n R (5 8 + 4)", index),
         _term("one block's keys, scores", "C H R (16 Dk + 16 G)", gather),
         _term("chosen-block scores", "2 T H n 4 + C HQ Dk 4", scores),
-    ] + (_free_share_terms(s) if c.slc_scores == "free" else [])  # the selection lse, before the scores
+    ]
 
 
 def _analysis_phase(s: _Sizes, name: str, *, backend: str) -> list[MemoryTerm]:

@@ -279,6 +279,7 @@ class NSAParts(NamedTuple):
     o_win: torch.Tensor  # [B, TQ, HQ, Dv]
     lse_cmp: torch.Tensor  # [B, TQ, HQ] float32
     block_idx: torch.Tensor  # [B, TQ, H, n] int32
+    lse_slc: torch.Tensor  # [B, TQ, HQ] the lse the block scores used (`selection_lse`; lse_cmp under "paper")
 
 
 def gated_sum(gates, o_cmp, o_slc, o_win):
@@ -305,8 +306,8 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=N
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
                                       scale=scale, q_start=q_start)
     # 2. top-n selection from the compressed branch's probabilities
-    block_idx = select_blocks(q, k_cmp, selection_lse(q, k_cmp, lse, config=config, scale=scale, q_start=q_start),
-                              cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+    lse_slc = selection_lse(q, k_cmp, lse, config=config, scale=scale, q_start=q_start)
+    block_idx = select_blocks(q, k_cmp, lse_slc, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
                               slc_block=config.slc_block, top_n=config.top_n, scale=scale, q_start=q_start,
                               init_blocks=config.init_blocks, local_blocks=config.local_blocks)
     # 3. selected branch
@@ -316,7 +317,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=N
     # 5. gated sum
     o = gated_sum(gates, o_cmp, o_slc, o_win)
     if return_parts:
-        return NSAParts(o, o_cmp, o_slc, o_win, lse, block_idx)
+        return NSAParts(o, o_cmp, o_slc, o_win, lse, block_idx, lse_slc)
     return o
 
 

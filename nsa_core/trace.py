@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import masks, reference
+from . import masks
 from .config import ConfigError, NSAConfig
 
 TRACE_FORMAT = "nsa_trace"
@@ -49,9 +49,7 @@ class LayerTrace:
     def from_parts(cls, config: NSAConfig, inputs, parts) -> LayerTrace:
         """Record batch row 0 of one layer's AttentionInputs and NSAParts."""
         with torch.no_grad():
-            score_lse = reference.selection_lse(inputs.q[:1], inputs.k_cmp[:1], parts.lse_cmp[:1], config=config,
-                                                q_start=0)[0]  # [T, HQ]
-            block_scores = chosen_block_scores(config, inputs.q[0], inputs.k_cmp[0], score_lse,
+            block_scores = chosen_block_scores(config, inputs.q[0], inputs.k_cmp[0], parts.lse_slc[0],
                                                parts.block_idx[0])  # [T, H, n]
             norms = torch.stack([parts.o_cmp[0].float().norm(dim=-1), parts.o_slc[0].float().norm(dim=-1),
                                  parts.o_win[0].float().norm(dim=-1)], -1)  # [T, HQ, 3]
