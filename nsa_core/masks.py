@@ -31,6 +31,11 @@ def visible_compressed(pos: torch.Tensor, cmp_block: int, cmp_stride: int) -> to
     return torch.div(pos + 1 - cmp_block, cmp_stride, rounding_mode="floor").add(1).clamp_min(0)
 
 
+def span_overlap(start, end, lo, hi):
+    """Tokens shared by the spans [start, end) and [lo, hi) (tensors, broadcast), at least 0."""
+    return (torch.minimum(end, hi) - torch.maximum(start, lo)).clamp_min(0)
+
+
 def overlap_weights(num_cmp: int, num_slc: int, *, cmp_block: int, cmp_stride: int, slc_block: int,
                     dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """The Eq. 9 remap as a [Tc, Ns] matrix: W[i, j] = |C_i ∩ S_j| / d.
@@ -41,8 +46,7 @@ def overlap_weights(num_cmp: int, num_slc: int, *, cmp_block: int, cmp_stride: i
     """
     start = torch.arange(num_cmp, device=device).unsqueeze(1) * cmp_stride  # [Tc, 1]
     block = torch.arange(num_slc, device=device).unsqueeze(0) * slc_block  # [1, Ns]
-    overlap = (torch.minimum(start + cmp_block, block + slc_block) - torch.maximum(start, block)).clamp_min(0)
-    return overlap.to(dtype) / cmp_stride  # [Tc, Ns]
+    return span_overlap(start, start + cmp_block, block, block + slc_block).to(dtype) / cmp_stride  # [Tc, Ns]
 
 
 def query_positions(q_start: int | torch.Tensor | None, batch: int, num_q: int, default_start: int,

@@ -120,13 +120,10 @@ def forced_share(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, init_blocks
                         first + torch.arange(n_local, device=q.device)], -1)  # [B, TQ, K], no token twice
     live = tokens < visible[..., None]
     start, end = tokens * d, tokens * d + l
-
-    def overlap(lo, hi):
-        return (torch.minimum(end, hi) - torch.maximum(start, lo)).clamp_min(0)
-
     # Overlap with A ∪ B = A + B - A ∩ B (they meet when the local blocks reach back to the initial ones).
     zero, a_end = torch.zeros_like(local_lo), torch.full_like(local_lo, init_end)
-    weight = overlap(zero, a_end) + overlap(local_lo, local_hi) - overlap(local_lo, torch.minimum(local_hi, a_end))
+    weight = (masks.span_overlap(start, end, zero, a_end) + masks.span_overlap(start, end, local_lo, local_hi)
+              - masks.span_overlap(start, end, local_lo, torch.minimum(local_hi, a_end)))
     weight = torch.where(live, weight.float() / l, 0.0)  # [B, TQ, K], share of the token's l / d in A ∪ B
     tokens = tokens.clamp(0, max(Tc - 1, 0))
     kc = k_cmp.detach().float()

@@ -211,10 +211,10 @@ def chosen_block_scores(config: NSAConfig, q: torch.Tensor, k_cmp: torch.Tensor,
         first = torch.div(j * ls - l, d, rounding_mode="floor") + 1  # [C, H, n]
         i = first[..., None] + r  # [C, H, n, R]
         start = i * d
-        overlap = (torch.minimum(start + l, (j[..., None] + 1) * ls) - torch.maximum(start, j[..., None] * ls))
+        overlap = masks.span_overlap(start, start + l, j[..., None] * ls, (j[..., None] + 1) * ls)
         visible = masks.visible_compressed(torch.arange(lo, hi, device=q.device), l, d)  # [C]
         ok = (overlap > 0) & (i >= 0) & (i < visible[:, None, None, None]) & (idx[..., None] >= 0)
-        weight = torch.where(ok, overlap.clamp_min(0).float() / d, 0.0)  # [C, H, n, R]
+        weight = torch.where(ok, overlap.float() / d, 0.0)  # [C, H, n, R]
         qc = q[lo:hi].float().unflatten(1, (H, G))  # [C, H, G, Dk]
         row_lse = lse[lo:hi].float().unflatten(1, (H, G))[..., None]  # [C, H, G, 1]
         has_cmp = torch.isfinite(row_lse)  # rows with no visible compressed token score 0
