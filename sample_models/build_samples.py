@@ -8,6 +8,7 @@
     python sample_models/build_samples.py twin --work WORK --world M  # WORK/dense-{base,tiny}.recipe.json
     torchrun --nproc_per_node=M -m nsa_core.cli train WORK/dense-base.recipe.json --out WORK/dense-base
     torchrun --nproc_per_node=M -m nsa_core.cli train WORK/dense-tiny.recipe.json --out WORK/dense-tiny
+    python sample_models/build_samples.py serve --work WORK           # SERVED_SCORES, held-out loss again
     python sample_models/build_samples.py niah NAME --work WORK [--device cuda:1]   # one per GPU, in parallel
     python sample_models/build_samples.py cards --work WORK --out OUT
 
@@ -18,7 +19,9 @@ Each dense twin's recipe is the matching NSA run's final recipe with the attenti
 through the recorded `stage_starts`, exactly the same batches, although the NSA run's curriculum was
 set by its own accuracy. The global batch stays the same on any number of processes M (the rows of a
 step depend only on their global index). `niah` sweeps context length x depth on held-out haystacks into
-WORK/NAME/niah.json; `cards` writes each model card with its grid and the twin's beside it, drops
+WORK/NAME/niah.json; `serve` switches a model to the selection scores it ships with (SERVED_SCORES;
+weights unchanged) and measures its held-out loss again, so the grids and the card describe the model as
+served; `cards` writes each model card with its grid and the twin's beside it, drops
 the optimizer state and packs each shipped folder as OUT/NAME.tar.
 """
 
@@ -38,8 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nsa_core import data, niah, reference, training  # noqa: E402
-from nsa_core.checkpoint import load_pretrained, save_pretrained  # noqa: E402
+from nsa_core.checkpoint import load_pretrained, read_card, save_pretrained  # noqa: E402
 from nsa_core.config import NSAConfig  # noqa: E402
+from nsa_core.model import NSALM  # noqa: E402
 from nsa_core.train_attention import FlexNSA  # noqa: E402
 
 NAMES = ("nsa-tiny", "dense-tiny")
@@ -48,6 +52,9 @@ BASES = {"nsa-tiny": "nsa-base", "dense-tiny": "dense-base"}
 # Each NSA run (base, then long-context) and its dense twin.
 TWINS = {BASES[NAMES[0]]: BASES[NAMES[1]], NAMES[0]: NAMES[1]}
 BASE_METRICS = ("steps", "tokens", "train_seconds", "world_size", "device", "heldout_loss_nats_per_byte")
+# Selection scores a shipped model is served with where they differ from its recipe's (docs/decisions.md):
+# nsa-tiny, trained with the paper's, finds far needles with "free" (sample_models/README.md).
+SERVED_SCORES = {"nsa-tiny": "free"}
 # What ships: the checkpoint, its recipe, NIAH results and training log (not the optimizer state).
 BASE_LOG_FILE = "base_train_log.jsonl"
 SHIPPED = ("config.json", "model.safetensors", "README.md", "metrics.json", "recipe.json", "base_recipe.json",
@@ -121,6 +128,43 @@ def twin(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    """Switch each model of SERVED_SCORES to its scores (the weights stay) and measure its held-out loss again;
+    the loss with the scores it was trained with stays in metrics.json as trained_scores_heldout_loss."""
+    for name, scores in SERVED_SCORES.items():
+        folder = args.work / name
+        recipe = training.Recipe.load(folder / training.RECIPE_FILE)
+        trained = load_pretrained(folder)  # stored dtype
+        if trained.config.slc_scores == scores:
+            continue
+        model = NSALM(trained.config.replace(slc_scores=scores)).to(trained.dtype).eval()
+        model.load_state_dict(trained.state_dict())
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["trained_scores_heldout_loss"] = metrics["heldout_loss_nats_per_byte"]
+        heldout = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction)
+        # Evaluated as the training run's own final evaluation is: the stored weights in float32.
+        metrics.update(training.evaluate_heldout(model.to(args.device, torch.float32), heldout,
+                                                 seq_len=recipe.seq_len, rows=recipe.eval_rows))
+        save_pretrained(model.to("cpu", trained.dtype), folder, metrics=metrics, card=read_card(folder))
+        print(f"{name}: slc_scores {scores}, held-out {metrics['heldout_loss_nats_per_byte']} nats/byte "
+              f"({metrics['trained_scores_heldout_loss']} with {trained.config.slc_scores})", flush=True)
+    return 0
+
+
+def served_section(model, recipe, metrics: dict) -> str:
+    """The card's note on selection scores that differ from the ones the recipe trained with, else ""."""
+    served, trained = model.config.slc_scores, recipe.config.slc_scores
+    if served == trained:
+        return ""
+    return (f"## Selection scores\n\nThe weights are the long-context run's; `config.json` sets `slc_scores` to "
+            f'"{served}", while the run trained with "{trained}" (`recipe.json`). The scores change which blocks '
+            "are selected, nothing else: \"free\" renormalises each query head's block importance over the blocks "
+            "that are not forced before the group sum (`docs/decisions.md`). The held-out loss and the grids here "
+            f"are measured as served; with \"{trained}\" the held-out loss was "
+            f"{metrics['trained_scores_heldout_loss']} nats per byte. `sample_models/README.md` and `docs/training.md` "
+            "compare the two rules on NIAH.")
+
+
 def run_niah(args) -> int:
     """The NIAH grid of one trained model, length by length, stopping before a length that cannot finish."""
     t_start = time.perf_counter()
@@ -164,6 +208,9 @@ def cards(args) -> int:
         metrics["niah_min_accuracy_per_length"] = grids[name]["min_accuracy_per_length"]
         model = load_pretrained(folder)  # stored dtype
         section = niah_section(name, grids[name], twin_name, grids[twin_name])
+        served = served_section(model, recipe, metrics)
+        if served:
+            section += "\n\n" + served
         base = None
         if recipe.init_from is not None:
             base_folder = args.work / BASES[name]
@@ -207,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("twin", help="write WORK/dense-{base,tiny}.recipe.json from the finished NSA runs")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--world", type=int, default=1, help="processes the twin will train on")
+    p = sub.add_parser("serve", help="WORK's models as served (SERVED_SCORES), held-out loss measured again")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
     p = sub.add_parser("niah", help="the NIAH grid of WORK/NAME into WORK/NAME/niah.json")
     p.add_argument("name", choices=NAMES)
     p.add_argument("--work", type=Path, required=True)
@@ -221,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    return {"check": check, "twin": twin, "niah": run_niah, "cards": cards}[args.phase](args)
+    return {"check": check, "twin": twin, "serve": serve, "niah": run_niah, "cards": cards}[args.phase](args)
 
 
 def merge_sweeps(parts: list[dict]) -> dict:

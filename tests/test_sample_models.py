@@ -72,6 +72,20 @@ def test_loads_strictly_and_reproduces_golden_logits(name, golden):
     assert agree >= GOLDEN_LENGTH - 2  # near-ties may flip under another machine's rounding
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_model_served_with_other_scores_says_so(name):
+    """A shipped config whose slc_scores differ from the recipe's: the card names both, and metrics.json keeps
+    the held-out loss with the scores the run trained with."""
+    recipe, shipped = Recipe.load(MODELS / name / RECIPE_FILE), read_config(MODELS / name)
+    if shipped.slc_scores == recipe.config.slc_scores:
+        return
+    card = (MODELS / name / "README.md").read_text()
+    metrics = json.loads((MODELS / name / "metrics.json").read_text())
+    assert "## Selection scores" in card
+    assert f'"{shipped.slc_scores}"' in card and f'"{recipe.config.slc_scores}"' in card
+    assert str(metrics["trained_scores_heldout_loss"]) in card
+
+
 @pytest.mark.parametrize("recipe_file, metrics_of",
                          [(RECIPE_FILE, lambda m: m), (BASE_RECIPE_FILE, lambda m: m["base"])])
 def test_the_twins_share_recipe_data_and_steps(recipe_file, metrics_of):
