@@ -72,13 +72,15 @@ def test_loads_strictly_and_reproduces_golden_logits(name, golden):
     assert agree >= GOLDEN_LENGTH - 2  # near-ties may flip under another machine's rounding
 
 
-@pytest.mark.parametrize("name", NAMES)
+# Shipped models whose config selects with other scores than their recipe trained with (nsa-tiny).
+SERVED_OTHERWISE = [n for n in NAMES
+                    if read_config(MODELS / n).slc_scores != Recipe.load(MODELS / n / RECIPE_FILE).config.slc_scores]
+
+
+@pytest.mark.parametrize("name", SERVED_OTHERWISE)
 def test_a_model_served_with_other_scores_says_so(name):
-    """A shipped config whose slc_scores differ from the recipe's: the card names both, and metrics.json keeps
-    the held-out loss with the scores the run trained with."""
+    """The card names both scores, and metrics.json keeps the held-out loss with the ones the run trained with."""
     recipe, shipped = Recipe.load(MODELS / name / RECIPE_FILE), read_config(MODELS / name)
-    if shipped.slc_scores == recipe.config.slc_scores:
-        return
     card = (MODELS / name / "README.md").read_text()
     metrics = json.loads((MODELS / name / "metrics.json").read_text())
     assert "## Selection scores" in card
