@@ -185,7 +185,9 @@ class TrainingLoss(nn.Module):
         ops = self.ops
         if self.selected_dropout > 0 and self.model.config.attention == "nsa":
             off = torch.rand(inputs.shape[0], device=inputs.device) < self.selected_dropout  # [B]
-            ops = _GateScaledOps(ops, _branch_scale(off, branch=1))
+            scale = torch.ones(inputs.shape[0], 1, 1, 3, device=inputs.device)  # gate multipliers (cmp, slc, win)
+            scale[:, 0, 0, 1] = (~off).float()
+            ops = _GateScaledOps(ops, scale)
         logits = forward_logits(self.model, inputs, ops)  # [B, T, V]
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         weights = 1.0 + (self.answer_weight - 1.0) * answer.float()
@@ -198,13 +200,6 @@ class TrainingLoss(nn.Module):
             hits = (logits.argmax(-1) == targets) & answer
             answer_acc = hits.sum() / answer.sum().clamp_min(1)
         return loss, text_loss, answer_acc
-
-
-def _branch_scale(off: torch.Tensor, *, branch: int) -> torch.Tensor:
-    """Gate multipliers [B, 1, 1, 3]: 0 for `branch` (0 cmp, 1 slc, 2 win) in the rows where off [B] is set."""
-    scale = torch.ones(off.shape[0], 1, 1, 3, device=off.device)
-    scale[:, 0, 0, branch] = (~off).float()
-    return scale
 
 
 class _GateScaledOps:
