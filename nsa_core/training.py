@@ -101,6 +101,9 @@ class Recipe:
     log_every: int = 10
     ckpt_every: int = 200
     eval_rows: int = 8  # held-out rows of seq_len tokens for the final loss
+    # Also measure the held-out loss every this many steps (logged as {"step", "heldout_loss"} lines), to
+    # see when a run starts to fit its training files rather than the language; None: at the end only.
+    eval_every: int | None = None
     save_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
@@ -109,8 +112,8 @@ class Recipe:
             raise ValueError(f"attention_path must be one of {list(ATTENTION_PATHS)}, got {self.attention_path!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
-        for name in ("seq_len", "batch_size", "max_steps", "log_every", "ckpt_every", "eval_rows"):
-            if getattr(self, name) < 1:
+        for name in ("seq_len", "batch_size", "max_steps", "log_every", "ckpt_every", "eval_rows", "eval_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.first_answer_weight is not None and self.first_answer_weight <= 0:
             raise ValueError(f"first_answer_weight must be > 0 or null, got {self.first_answer_weight}")
@@ -301,6 +304,9 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     step_times: list[float] = []
     t0 = time.perf_counter()
     gate_history: list[float] = []
+    eval_ids = data.heldout_rows(
+        data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction, root=corpus_root),
+        seq_len=recipe.seq_len, rows=recipe.eval_rows) if recipe.eval_every is not None and is_main else None
     step = start_step
     while step < max_steps and (stop_after is None or step - start_step < stop_after):
         if stop_after_s is not None and _any_rank(time.perf_counter() - t0 >= stop_after_s, world, device):
@@ -353,6 +359,12 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         if step % recipe.ckpt_every == 0 and is_main:
             elapsed = elapsed_before + time.perf_counter() - t0
             _save_state(state_path, model, optimizer, step, max_steps, tokens, elapsed, earned_stage, stage_starts)
+        if eval_ids is not None and step % recipe.eval_every == 0 and step < max_steps:
+            # Rank 0 alone: the others wait for it at the next step's gradient all-reduce.
+            loss_now = heldout_loss(model.eval(), eval_ids)
+            model.train()
+            log.write(json.dumps({"step": step, "heldout_loss": round(loss_now, 5)}) + "\n")
+            log.flush()
     train_seconds = elapsed_before + time.perf_counter() - t0
     replicas_identical = _replicas_identical(model) if world > 1 else None
     if bar is not None:
@@ -394,22 +406,24 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     return TrainResult(model, metrics, final, out_dir)
 
 
-@torch.no_grad()
-def evaluate_heldout(model: NSALM, corpus: np.ndarray, *, seq_len: int, rows: int,
-                     batch_size: int = 1) -> dict[str, float]:
+def evaluate_heldout(model: NSALM, corpus: np.ndarray, *, seq_len: int, rows: int) -> dict[str, float]:
     """Mean next-byte loss over `rows` evenly spaced held-out windows, through the model's own forward."""
-    ids = data.heldout_rows(corpus, seq_len=seq_len, rows=rows).to(model.device)
-    total, count = 0.0, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _no_autocast()
-    for lo in range(0, rows, batch_size):
-        batch = ids[lo:lo + batch_size]
-        with autocast:
-            logits = model(batch[:, :-1], backend="reference")
-        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    loss = total / count
+    ids = data.heldout_rows(corpus, seq_len=seq_len, rows=rows)
+    loss = heldout_loss(model, ids)
     return {"heldout_loss_nats_per_byte": round(loss, 5), "heldout_bits_per_byte": round(loss / math.log(2), 5),
-            "heldout_tokens": count}
+            "heldout_tokens": ids[:, 1:].numel()}
+
+
+@torch.no_grad()
+def heldout_loss(model: NSALM, ids: torch.Tensor) -> float:
+    """Mean next-token loss (nats) over rows ids [R, T + 1], one row at a time (bf16 autocast on a GPU)."""
+    total = 0.0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _no_autocast()
+    for row in ids.to(model.device):
+        with autocast:
+            logits = model(row[None, :-1], backend="reference")
+        total += F.cross_entropy(logits[0], row[1:], reduction="sum").item()
+    return total / ids[:, 1:].numel()
 
 
 def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah_section: str = "",

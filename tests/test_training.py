@@ -162,6 +162,23 @@ def test_a_few_cpu_steps_lower_the_heldout_loss(tmp_path, corpus_root):
     assert written == recipe.replace(stage_starts=written.stage_starts) and written.stage_starts == [1]
 
 
+def test_periodic_heldout_loss_is_logged_for_the_weights_of_that_step(tmp_path, corpus_root):
+    recipe = tiny_recipe(max_steps=5, eval_every=2)
+    training.train(recipe, tmp_path / "run", device="cpu", progress=False, corpus_root=corpus_root, stop_after=4)
+    log = [json.loads(line) for line in (tmp_path / "run" / training.LOG_FILE).read_text().splitlines()]
+    evals = [r for r in log if "heldout_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    # The state saved on leaving holds the step-4 weights: the logged loss is theirs.
+    state = torch.load(tmp_path / "run" / training.STATE_FILE, weights_only=True)
+    model = NSALM(recipe.config)
+    model.load_state_dict(state["model"])
+    ids = data.heldout_rows(data.stdlib_corpus("heldout", heldout_fraction=0.5, root=corpus_root), seq_len=256, rows=2)
+    assert evals[1]["heldout_loss"] == pytest.approx(training.heldout_loss(model.eval(), ids), abs=1e-5)
+    assert evals[1]["heldout_loss"] < evals[0]["heldout_loss"]
+    with pytest.raises(ValueError, match="eval_every"):
+        tiny_recipe(eval_every=0)
+
+
 def test_init_from_starts_at_a_checkpoints_weights(tmp_path, corpus_root):
     base = training.train(tiny_recipe(max_steps=2), tmp_path / "base", device="cpu", progress=False,
                           corpus_root=corpus_root)
