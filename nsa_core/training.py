@@ -53,6 +53,9 @@ RECIPE_FILE = "recipe.json"
 BASE_RECIPE_FILE = "base_recipe.json"  # next to a checkpoint trained in two runs: the first run's recipe
 ATTENTION_PATHS = ("auto", "flex", "reference")
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Config fields a run may change from its init_from checkpoint's: how the selection ranks blocks is a rule
+# on top of the weights, so a second phase can train under the other rule.
+INIT_FROM_MAY_DIFFER = ("slc_scores",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -535,8 +538,11 @@ def _gate(threshold: float | None, history: list[float], accuracy: float, stage:
 
 
 def _check_init_from(recipe: Recipe) -> None:
-    """Raise unless recipe.init_from is a checkpoint with exactly the recipe's configuration (no weights read)."""
+    """Raise unless recipe.init_from is a checkpoint with the recipe's configuration (no weights read);
+    only INIT_FROM_MAY_DIFFER may differ."""
     theirs, ours = read_config(recipe.init_from).to_dict(), recipe.config.to_dict()
+    for name in INIT_FROM_MAY_DIFFER:
+        theirs[name] = ours[name]
     if theirs != ours:
         diff = {k: (theirs[k], ours[k]) for k in sorted(ours) if theirs[k] != ours[k]}
         raise ValueError(f"init_from {recipe.init_from}: its config differs from the recipe's model "

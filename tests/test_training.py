@@ -194,6 +194,11 @@ def test_init_from_starts_at_a_checkpoints_weights(tmp_path, corpus_root):
     with pytest.raises(ValueError, match=r"window.*\(32, 64\)"):
         training.train(tiny_recipe(init_from=str(tmp_path / "base"), model=TINY_MODEL | {"window": 64}),
                        tmp_path / "bad", device="cpu", progress=False, corpus_root=corpus_root)
+    # The selection rule is not part of what the weights mean: a second phase may train under the other one.
+    free = tiny_recipe(init_from=str(tmp_path / "base"), model=TINY_MODEL | {"slc_scores": "free"})
+    start = training.train(free, tmp_path / "free", device="cpu", progress=False, corpus_root=corpus_root,
+                           stop_after=0)
+    assert start.model.config.slc_scores == "free"
 
 
 def test_resume_continues_the_same_run(tmp_path, corpus_root):
