@@ -248,6 +248,17 @@ class NSALM(nn.Module):
             elif "compress" in name and p.dim() == 3:
                 p.copy_(torch.randn(p.shape, generator=gen) * p.shape[1] ** -0.5)
 
+    def with_selection_scores(self, slc_scores: str) -> NSALM:
+        """A model with these weights (shared, not copied) that ranks blocks by another rule
+        (`NSAConfig.slc_scores`); self is left as it is. The rule is not part of what the weights mean."""
+        with torch.device("meta"):
+            other = NSALM(self.config.replace(slc_scores=slc_scores))
+        other.load_state_dict(self.state_dict(), strict=True, assign=True)
+        for mine, theirs in zip(self.parameters(), other.parameters(), strict=True):
+            theirs.requires_grad_(mine.requires_grad)
+        other.backend = self.backend
+        return other.train(self.training)
+
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device

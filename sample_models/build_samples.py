@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT))
 from nsa_core import data, niah, reference, training  # noqa: E402
 from nsa_core.checkpoint import load_pretrained, read_card, save_pretrained  # noqa: E402
 from nsa_core.config import NSAConfig  # noqa: E402
-from nsa_core.model import NSALM  # noqa: E402
 from nsa_core.train_attention import FlexNSA  # noqa: E402
 
 NAMES = ("nsa-tiny", "dense-tiny")
@@ -137,8 +136,7 @@ def serve(args) -> int:
         trained = load_pretrained(folder)  # stored dtype
         if trained.config.slc_scores == scores:
             continue
-        model = NSALM(trained.config.replace(slc_scores=scores)).to(trained.dtype).eval()
-        model.load_state_dict(trained.state_dict())
+        model = trained.with_selection_scores(scores)
         metrics = json.loads((folder / "metrics.json").read_text())
         metrics["trained_scores_heldout_loss"] = metrics["heldout_loss_nats_per_byte"]
         heldout = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction)

@@ -243,3 +243,18 @@ def test_sampling_with_top_k_one_is_greedy_and_generation_stops_at_the_stop_toke
     first_stop = [int((row == stop).nonzero()[0]) if (row == stop).any() else 12 for row in greedy]
     assert stopped.shape[1] == min(max(first_stop) + 1, 12)
     assert torch.equal(stopped, greedy[:, : stopped.shape[1]])
+
+
+def test_with_selection_scores_shares_the_weights_and_changes_only_the_rule():
+    model = make_model("paper-blocks").requires_grad_(False)
+    free = model.with_selection_scores("free")
+    assert model.config.slc_scores == "paper" and free.config == model.config.replace(slc_scores="free")
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(model.parameters(), free.parameters(), strict=True))
+    assert not any(p.requires_grad for p in free.parameters()) and not free.training
+    # The same as a model built under that rule and given those weights.
+    built = NSALM(model.config.replace(slc_scores="free")).eval()
+    built.load_state_dict(model.state_dict())
+    ids = random_ids(1, 320)
+    torch.testing.assert_close(free(ids), built(ids), rtol=0, atol=0)
+    # 320 tokens hold 5 blocks of 64, one more than top_n = 4 with 3 of them forced: the rules pick differently.
+    assert not torch.equal(free(ids), model(ids))
