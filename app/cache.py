@@ -8,7 +8,9 @@ question never runs the model again.
 
 A model source is a string: "sample:NAME" (a shipped checkpoint), "path:/abs/dir-or-file" (a
 server-side checkpoint under the configured roots) or "upload:SHA256" (a file uploaded in the browser
-and kept in a private temporary folder).
+and kept in a private temporary folder), optionally followed by "@scores=RULE": the checkpoint's weights
+ranking blocks by the other selection rule (`NSAConfig.slc_scores`), so one checkpoint can be compared
+under both. Being part of the source, the rule is part of every cache key and of the permalink.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import streamlit as st
 import torch
 
 from nsa_core import analysis, checkpoint, limits, niah, safe_paths, sample_models, tokenizer
+from nsa_core.config import SLC_SCORES
 from nsa_core.model import NSALM, AttentionInputs
 from nsa_core.trace import ModelTrace
 
 SAMPLE, PATH, UPLOAD = "sample:", "path:", "upload:"
+SCORES = "@scores="  # source suffix: the selection rule to serve the checkpoint with, when not its own
 UPLOAD_DIR = Path(tempfile.gettempdir()) / "nsa-explorer-uploads"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -70,7 +74,32 @@ class LoadedModel:
     load_seconds: float
 
 
+def split_scores(source: str) -> tuple[str, str | None]:
+    """(the checkpoint's source, the selection rule it is served with or None for its own)."""
+    checkpoint_source, marker, rule = source.rpartition(SCORES)
+    if not marker:
+        return source, None
+    if rule not in SLC_SCORES:
+        raise SourceError(f"a selection rule is one of {', '.join(SLC_SCORES)}, got {rule!r}")
+    return checkpoint_source, rule
+
+
+def with_scores(source: str, rule: str) -> str:
+    """The source of source's checkpoint served with selection rule `rule` (no suffix for its own rule)."""
+    checkpoint_source, _ = split_scores(source)
+    own = checkpoint.read_config(source_path(checkpoint_source)).slc_scores
+    return checkpoint_source if rule == own else checkpoint_source + SCORES + rule
+
+
 def source_label(source: str) -> str:
+    """A short name for the UI; never raises (it names sources that failed to open, too)."""
+    checkpoint_source, marker, rule = source.rpartition(SCORES)
+    if not marker:
+        return _checkpoint_label(source)
+    return f"{_checkpoint_label(checkpoint_source)} · {rule} scores"
+
+
+def _checkpoint_label(source: str) -> str:
     if source.startswith(SAMPLE):
         return source[len(SAMPLE) :]
     if source.startswith(PATH):
@@ -82,6 +111,7 @@ def source_label(source: str) -> str:
 
 def source_path(source: str) -> Path:
     """The checkpoint path a source names; SourceError when it names nothing the app may open."""
+    source, _ = split_scores(source)
     if source.startswith(SAMPLE):
         try:
             return sample_models.sample_model(source[len(SAMPLE) :])
@@ -153,8 +183,11 @@ NIAH_FILE = "niah.json"  # a sweep recorded next to a shipped checkpoint (nsa_co
 
 
 def recorded_niah(source: str) -> dict | None:
-    """The needle sweep shipped with a checkpoint directory, or None when there is none or it is unreadable."""
+    """The needle sweep shipped with a checkpoint directory, or None when there is none, it is unreadable, or
+    the source serves the checkpoint with another selection rule than the sweep's."""
     try:
+        if split_scores(source)[1] is not None:
+            return None
         path = source_path(source) / NIAH_FILE
     except SourceError:
         return None
@@ -193,6 +226,9 @@ def load_model(source: str, device: str, dtype: str) -> LoadedModel:
     """The model a source names, on device, shared read-only by every session."""
     start = time.perf_counter()
     model = checkpoint.load_pretrained(source_path(source), device=device, dtype=DTYPES[dtype])
+    rule = split_scores(source)[1]
+    if rule is not None:
+        model = model.with_selection_scores(rule)
     model.eval().requires_grad_(False)
     backend = "auto" if device == "cuda" else "reference"
     model.backend = backend

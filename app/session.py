@@ -21,6 +21,7 @@ CPU_TOKEN_LIMIT = 8192
 GPU_TOKEN_LIMIT = 65536
 _LAST_GOOD = "_last_good_ckpt"
 _THIS_RUN = "_loaded_model"
+_RULE_PICK = "slc_pick"
 
 
 def default_source() -> str:
@@ -126,3 +127,38 @@ def run_panel(loaded: cache.LoadedModel | None) -> None:
             f"NSA: l={c.cmp_block}, d={c.cmp_stride}, l'={c.slc_block}, n={c.top_n}, w={c.window} · "
             f"loaded in {loaded.load_seconds:.2f} s"
         )
+        if c.attention == "nsa":
+            _selection_rule_picker(loaded)
+
+
+SCORE_RULES = {
+    "paper": "paper (Eq. 10)",
+    "free": "free (forced blocks left out)",
+}
+
+
+def _selection_rule_picker(loaded: cache.LoadedModel) -> None:
+    """Serve the open checkpoint with either block-selection rule; the weights stay the same."""
+    st.session_state[_RULE_PICK] = loaded.model.config.slc_scores  # follows the model, whichever page opened it
+    st.radio(
+        "Block selection",
+        list(SCORE_RULES),
+        format_func=SCORE_RULES.get,
+        key=_RULE_PICK,
+        on_change=_switch_rule,
+        help="How the top-n blocks are ranked. *paper*: each KV group sums its heads' compressed-attention "
+        "probabilities (Eq. 10). *free*: each head's probabilities are first renormalised over the blocks "
+        "that are not forced (block 0 and the local blocks), so a head whose mass sits on a forced block "
+        "still votes for the others. The weights are the same; every page follows the choice.",
+    )
+
+
+def _switch_rule() -> None:
+    # on_change runs before the rerun: the session opens the checkpoint under the picked rule.
+    source = st.session_state["ckpt"]
+    try:
+        target = cache.with_scores(source, st.session_state[_RULE_PICK])
+    except Exception as err:  # the checkpoint's files changed or went away since it was opened
+        st.error(f"Could not switch the selection rule of **{cache.source_label(source)}**: {err}")
+        return
+    switch_model(target)

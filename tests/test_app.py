@@ -149,6 +149,37 @@ def test_a_url_naming_a_path_outside_the_roots_is_refused_and_the_default_opens(
     assert app.title[0].value == "Explorer"
 
 
+def test_the_selection_rule_switch_serves_the_checkpoint_under_the_other_rule(at):
+    own = cache.SAMPLE + cache.default_sample()
+    assert at.session_state["ckpt"] == own
+    assert at.sidebar.radio(key="slc_pick").value == "free"  # nsa-tiny ships with the "free" rule
+    at.sidebar.radio(key="slc_pick").set_value("paper").run()
+    assert not _errors(at)
+    assert at.session_state["ckpt"] == own + cache.SCORES + "paper"
+    assert "paper scores" in " ".join(m.value for m in at.sidebar.markdown)
+    served = cache.load_model(at.session_state["ckpt"], "cpu", "float32").model
+    shipped = cache.load_model(own, "cpu", "float32").model
+    assert served.config == shipped.config.replace(slc_scores="paper")
+    assert all(torch.equal(a, b) for a, b in zip(served.parameters(), shipped.parameters(), strict=True))
+    assert cache.recorded_niah(own) is not None and cache.recorded_niah(at.session_state["ckpt"]) is None
+    at.switch_page("views/model.py").run()
+    assert not _errors(at) and at.query_params["ckpt"] == own + cache.SCORES + "paper"
+    assert at.sidebar.radio(key="slc_pick").value == "paper"
+    at.sidebar.radio(key="slc_pick").set_value("free").run()  # its own rule again: the plain source
+    assert not _errors(at) and at.session_state["ckpt"] == own and at.query_params["ckpt"] == own
+
+
+def test_a_permalink_with_an_unknown_selection_rule_is_refused(monkeypatch):
+    monkeypatch.setenv(launch.ENV_DEVICE, "cpu")
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.query_params["ckpt"] = "sample:nsa-random@scores=best"
+    app.query_params["tokens"] = "64"
+    app.run()
+    assert not app.exception
+    assert any("selection rule is one of paper, free" in e.value for e in app.error)
+    assert app.session_state["ckpt"] == cache.SAMPLE + cache.default_sample()
+
+
 # A one-layer model small enough to build, save and run in well under a second.
 TINY_CONFIG = NSAConfig(
     d_model=32,

@@ -221,3 +221,17 @@ def test_a_permalink_opens_the_view_and_a_box_selection_zooms_the_map(server, pa
     page.get_by_role("button", name="Reset zoom").click()
     _settle(page)
     page.get_by_text("Click a cell to inspect its query", exact=False).wait_for()
+
+
+def test_the_sidebar_serves_the_model_under_the_other_selection_rule(server, page):
+    page.goto(f"{server}/?tokens={TOKENS}")
+    _settle(page)
+    sidebar = page.locator("[data-testid='stSidebar']")
+    expect(sidebar.get_by_role("radio", name="free (forced blocks left out)")).to_be_checked()
+    sidebar.get_by_text("paper (Eq. 10)").click()
+    _settle(page)
+    sidebar.get_by_text(re.compile(r"· paper scores")).wait_for()
+    expect(sidebar.get_by_role("radio", name="paper (Eq. 10)")).to_be_checked()
+    assert "scores%3Dpaper" in page.url or "scores=paper" in page.url  # the permalink carries the rule
+    _chart(page, 1)  # the Explorer ran again on the model under that rule
+    assert not page.locator("[data-testid='stException']").count()
