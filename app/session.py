@@ -22,6 +22,8 @@ GPU_TOKEN_LIMIT = 65536
 _LAST_GOOD = "_last_good_ckpt"
 _THIS_RUN = "_loaded_model"
 _RULE_PICK = "slc_pick"
+# The block-selection rules (NSAConfig.slc_scores) as the sidebar names them.
+SCORE_RULES = {"paper": "paper (Eq. 10)", "free": "free (forced blocks left out)"}
 
 
 def default_source() -> str:
@@ -129,12 +131,6 @@ def run_panel(loaded: cache.LoadedModel | None) -> None:
         )
         if c.attention == "nsa":
             _selection_rule_picker(loaded)
-
-
-SCORE_RULES = {
-    "paper": "paper (Eq. 10)",
-    "free": "free (forced blocks left out)",
-}
 
 
 def _selection_rule_picker(loaded: cache.LoadedModel) -> None:

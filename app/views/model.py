@@ -35,8 +35,8 @@ with shipped:
     if not names:
         st.info("No shipped checkpoint was found on this server; open one by path or upload a file.")
     else:
-        current = cache.split_scores(current)[0] if current else current
-        picked = current[len(cache.SAMPLE) :] if current.startswith(cache.SAMPLE) else None
+        checkpoint_source = cache.split_scores(current)[0] if current else ""
+        picked = checkpoint_source[len(cache.SAMPLE) :] if checkpoint_source.startswith(cache.SAMPLE) else None
         name = st.selectbox(
             "Sample model", names, index=names.index(picked) if picked in names else 0, key="sample_pick"
         )
