@@ -244,9 +244,17 @@ def test_the_needle_demo_answers_and_reports_the_needle_block(at):
     at.button(key="ask").click().run()
     assert not _errors(at)
     answers = [m for m in at.metric if m.label.endswith("answers")]
-    assert [m.label for m in answers] == [f"{cache.default_sample()} answers", "dense-tiny answers"]
+    name = cache.default_sample()  # served with "free" selection; it also answers under the paper's rule
+    assert [m.label for m in answers] == [
+        f"{name} (free selection) answers",
+        f"{name} (paper selection) answers",
+        "dense-tiny answers",
+    ]
     assert _chart(at, "needle_hit")
-    assert any("needle's block was chosen" in m.value for m in at.markdown)
+    assert any("needle's block was chosen" in m.value and "under the paper rule" in m.value for m in at.markdown)
+    at.checkbox(key="needle_other_rule").uncheck().run()
+    assert not _errors(at)
+    assert [m.label for m in at.metric if m.label.endswith("answers")] == [f"{name} answers", "dense-tiny answers"]
 
 
 def test_a_needle_sweep_runs_with_progress_and_offers_its_results(at):

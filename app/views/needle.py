@@ -8,6 +8,7 @@ import streamlit as st
 
 from app import cache, figures, session, snippets, state, widgets
 from nsa_core import data, niah
+from nsa_core.config import SLC_SCORES
 
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 ANSWER_TOKENS = 6  # five digits and <eos>
@@ -25,6 +26,9 @@ limit = session.token_limit()
 lengths = [n for n in LENGTHS if n <= limit]
 twin_name = cache.dense_twin(config) if config.attention == "nsa" else None
 twin_source = cache.SAMPLE + twin_name if twin_name else None
+# An NSA checkpoint also answers under the other block-selection rule, to show what the rule changes.
+other_rule = next((r for r in SLC_SCORES if r != config.slc_scores), None) if config.attention == "nsa" else None
+checkpoint_label = cache.source_label(cache.split_scores(loaded.source)[0])
 
 
 def haystack_widget(key: str) -> np.ndarray:
@@ -39,9 +43,15 @@ def haystack_widget(key: str) -> np.ndarray:
         st.stop()
 
 
-def show_answer(ids: tuple[int, ...], key: str, span: tuple[int, int]) -> None:
-    """Each model's answer, then (NSA) whether the needle's block was chosen at the answer token."""
-    models = [(loaded.label, loaded.source)] + ([(twin_name, twin_source)] if twin_source else [])
+def show_answer(ids: tuple[int, ...], key: str, span: tuple[int, int], other_source: str | None) -> None:
+    """Each model's answer, then (NSA) whether the needle's block was chosen at the answer token.
+
+    other_source: the same checkpoint under the other selection rule, answering beside it, or None."""
+    models = [(loaded.label, loaded.source)]
+    if other_source is not None:
+        models = [(f"{checkpoint_label} ({config.slc_scores} selection)", loaded.source),
+                  (f"{checkpoint_label} ({other_rule} selection)", other_source)]
+    models += [(twin_name, twin_source)] if twin_source else []
     cols = st.columns(len(models))
     for col, (label, source) in zip(cols, models, strict=True):
         with col, st.spinner(f"{label} is reading {len(ids)} tokens…"):
@@ -58,9 +68,14 @@ def show_answer(ids: tuple[int, ...], key: str, span: tuple[int, int]) -> None:
             trace = cache.trace_ids(loaded.source, choice.device, choice.dtype, ids).trace
             hit, rank = cache.needle_selection(loaded.source, choice.device, choice.dtype, ids, span)
         in_window = span[1] >= len(ids) - config.window
+        other = ""
+        if other_source is not None:
+            with st.spinner(f"Tracing the prompt under the {other_rule} rule…"):
+                other_hit, _ = cache.needle_selection(other_source, choice.device, choice.dtype, ids, span)
+            other = f" ({int(other_hit.sum())} of {other_hit.size} under the {other_rule} rule)"
         st.markdown(
             f"At the answer token (position {len(ids) - 1}): the needle's block was chosen in "
-            f"**{int(hit.sum())} of {hit.size}** (layer, KV head) pairs"
+            f"**{int(hit.sum())} of {hit.size}** (layer, KV head) pairs{other}"
             + (
                 " — it also lies inside the sliding window."
                 if in_window
@@ -113,6 +128,12 @@ with one:
     prompt = niah.build_prompt(haystack, length=length, depth=depth, key=key, offset=seed * 7919)
     ids = tuple(prompt.ids)
     span = (prompt.needle_at, prompt.needle_at + len(data.NEEDLE.format(key=key)) - 1)
+    compare = other_rule is not None and st.checkbox(
+        f"Also answer under the {other_rule} selection rule",
+        value=True,
+        key="needle_other_rule",
+        help="The same weights, ranking blocks the other way (the sidebar's *Block selection* explains both).",
+    )
     if st.button("Ask the model", key="ask", type="primary", icon=":material/play_arrow:"):
         st.session_state["_asked"] = (loaded.source, ids)
     with st.expander(f"The prompt around the needle (tokens {span[0]}–{span[1]} of {len(ids)})"):
@@ -129,7 +150,7 @@ with one:
 
     if st.session_state.get("_asked") == (loaded.source, ids):
         with st.container(key="needle_result"):
-            show_answer(ids, key, span)
+            show_answer(ids, key, span, cache.with_scores(loaded.source, other_rule) if compare else None)
 
 with sweep_tab:
     shipped = {
