@@ -16,9 +16,10 @@ A time budget turns into a step count once: after `calibrate_steps` timed steps 
 max_steps so the rest fits, before warm-up ends, so the learning-rate schedule is the one a rerun
 with that max_steps and no budget would follow. The recipe written next to the checkpoint records it.
 
-DIR receives: recipe.json, train_log.jsonl (one line per logged step), train_state.pt (model,
-optimizer and step, for --resume; tensors only, loaded with weights_only=True) and, at the end, the
-checkpoint files (config.json, model.safetensors, README.md, metrics.json).
+DIR receives: recipe.json, train_log.jsonl (one line per logged step, and one per held-out evaluation
+with `eval_every`), train_state.pt (model, optimizer and step, for --resume; tensors only, loaded with
+weights_only=True) and, at the end, the checkpoint files (config.json, model.safetensors, README.md,
+metrics.json).
 """
 
 from __future__ import annotations
