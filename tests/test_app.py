@@ -137,14 +137,21 @@ def test_a_permalink_restores_the_view(monkeypatch):
     assert "nsa-random" in " ".join(m.value for m in app.sidebar.markdown)
 
 
-def test_a_url_naming_a_path_outside_the_roots_is_refused_and_the_default_opens(monkeypatch):
+@pytest.mark.parametrize(
+    ("ckpt", "message"),
+    [
+        ("path:/etc", "outside"),  # a folder outside the roots
+        ("sample:nsa-random@scores=best", "selection rule is one of paper, free"),
+    ],
+)
+def test_a_url_naming_what_cannot_open_is_refused_and_the_default_opens(monkeypatch, ckpt, message):
     monkeypatch.setenv(launch.ENV_DEVICE, "cpu")
     app = AppTest.from_file(APP, default_timeout=120)
-    app.query_params["ckpt"] = "path:/etc"
+    app.query_params["ckpt"] = ckpt
     app.query_params["tokens"] = "64"
     app.run()
     assert not app.exception
-    assert any("Could not open checkpoint" in e.value for e in app.error)
+    assert any("Could not open checkpoint" in e.value and message in e.value for e in app.error)
     assert app.session_state["ckpt"] == cache.SAMPLE + cache.default_sample()
     assert app.title[0].value == "Explorer"
 
@@ -167,17 +174,6 @@ def test_the_selection_rule_switch_serves_the_checkpoint_under_the_other_rule(at
     assert at.sidebar.radio(key="slc_pick").value == "paper"
     at.sidebar.radio(key="slc_pick").set_value("free").run()  # its own rule again: the plain source
     assert not _errors(at) and at.session_state["ckpt"] == own and at.query_params["ckpt"] == own
-
-
-def test_a_permalink_with_an_unknown_selection_rule_is_refused(monkeypatch):
-    monkeypatch.setenv(launch.ENV_DEVICE, "cpu")
-    app = AppTest.from_file(APP, default_timeout=120)
-    app.query_params["ckpt"] = "sample:nsa-random@scores=best"
-    app.query_params["tokens"] = "64"
-    app.run()
-    assert not app.exception
-    assert any("selection rule is one of paper, free" in e.value for e in app.error)
-    assert app.session_state["ckpt"] == cache.SAMPLE + cache.default_sample()
 
 
 # A one-layer model small enough to build, save and run in well under a second.
