@@ -138,7 +138,14 @@ def test_free_cpu_memory_reads_meminfo_and_the_cgroup_limit(tmp_path, monkeypatc
     (tmp_path / "memory.current").write_text("123\n")
     (tmp_path / "cgroup").write_text("0::/\n")
     assert limits._cgroup_headroom(proc_cgroup=str(tmp_path / "cgroup"), sysfs=str(tmp_path)) is None
-    assert 0 < limits.free_memory("cpu") <= limits._meminfo_available()
+    assert limits._meminfo_available() > 0  # this machine's own /proc/meminfo parses
+    # free_memory("cpu") is the smaller of the two when there is a limit (fixed values: the machine's own
+    # MemAvailable changes between two reads).
+    monkeypatch.setattr(limits, "_meminfo_available", lambda: 8 << 30)
+    monkeypatch.setattr(limits, "_cgroup_headroom", lambda: 3 << 30)
+    assert limits.free_memory("cpu") == 3 << 30
+    monkeypatch.setattr(limits, "_cgroup_headroom", lambda: None)
+    assert limits.free_memory("cpu") == 8 << 30
 
 
 def _fails_after_allocating(nbytes: int, refs: list):
