@@ -92,6 +92,9 @@ class Recipe:
     # gate near zero that ranking otherwise gets almost no gradient (docs/training.md).
     selected_dropout: float = 0.0
     # Optimisation.
+    # Train only the parameters whose name contains one of these strings (".attn." for a long-context run
+    # that leaves the MLPs, embeddings and norms as the run it starts from left them); None trains all.
+    trainable: list[str] | None = None
     max_steps: int = 1000
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -119,6 +122,9 @@ class Recipe:
         for name in ("seq_len", "batch_size", "max_steps", "log_every", "ckpt_every", "eval_rows", "eval_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        parts = self.trainable
+        if parts is not None and (not parts or not all(isinstance(x, str) and x for x in parts)):
+            raise ValueError(f"trainable must be a non-empty list of parameter-name parts or null, got {parts}")
         if self.first_answer_weight is not None and self.first_answer_weight <= 0:
             raise ValueError(f"first_answer_weight must be > 0 or null, got {self.first_answer_weight}")
         if not 0.0 <= self.selected_dropout < 1.0:
@@ -259,6 +265,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     out_dir = Path(out_dir)
     if recipe.init_from is not None and not resume:
         _check_init_from(recipe)  # a missing or mismatched checkpoint fails before any process group or file
+    _check_trainable(recipe)
     world, rank, local_rank = _init_distributed()
     device = torch.device(device) if device is not None else _default_device(local_rank)
     if device.type == "cuda":
@@ -275,12 +282,13 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     else:
         model.reset_parameters(seed=recipe.seed)
     model.to(device).train()
+    trained = _trained_parameters(model, recipe.trainable)  # before DDP, which hooks the trained ones only
     ops, path_name = attention_ops(recipe, device)
     loss_module = TrainingLoss(model, ops, recipe)
     step_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda"
                                                       else None) if world > 1 else loss_module
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    decay = [p for n, p in trained if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trained if p.dim() < 2 or "embed" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
@@ -536,6 +544,29 @@ def _gate(threshold: float | None, history: list[float], accuracy: float, stage:
         history.clear()
         return stage + 1
     return earned
+
+
+def _check_trainable(recipe: Recipe) -> None:
+    """Raise unless every part of recipe.trainable names at least one parameter of the recipe's model."""
+    if recipe.trainable is None:
+        return
+    with torch.device("meta"):
+        names = [n for n, _ in NSALM(recipe.config).named_parameters()]
+    unmatched = [part for part in recipe.trainable if not any(part in n for n in names)]
+    if unmatched:
+        raise ValueError(f"trainable: {unmatched} name(s) no parameter; the parameters are {', '.join(names)}")
+
+
+def _trained_parameters(model: NSALM, trainable: list[str] | None) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the parameters a run trains; the others are frozen (requires_grad off)."""
+    if trainable is None:
+        return list(model.named_parameters())
+    trained = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(part in name for part in trainable))
+        if p.requires_grad:
+            trained.append((name, p))
+    return trained
 
 
 def _check_init_from(recipe: Recipe) -> None:

@@ -179,6 +179,25 @@ def test_periodic_heldout_loss_is_logged_for_the_weights_of_that_step(tmp_path, 
         tiny_recipe(eval_every=0)
 
 
+def test_trainable_freezes_every_other_parameter(tmp_path, corpus_root):
+    recipe = tiny_recipe(max_steps=3, trainable=[".attn."])
+    start = NSALM(recipe.config)
+    start.reset_parameters(seed=recipe.seed)
+    result = training.train(recipe, tmp_path / "run", device="cpu", progress=False, corpus_root=corpus_root)
+    after = dict(result.model.named_parameters())
+    for name, p in start.named_parameters():
+        if ".attn." in name:
+            assert not torch.equal(after[name], p), f"{name} did not train"
+        else:
+            assert torch.equal(after[name], p), f"{name} changed although frozen"
+    with pytest.raises(ValueError, match=r"\['mlp_typo'\] name\(s\) no parameter"):
+        training.train(tiny_recipe(trainable=["mlp_typo"]), tmp_path / "bad", device="cpu", progress=False,
+                       corpus_root=corpus_root)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    with pytest.raises(ValueError, match="trainable"):
+        tiny_recipe(trainable=[])
+
+
 def test_init_from_starts_at_a_checkpoints_weights(tmp_path, corpus_root):
     base = training.train(tiny_recipe(max_steps=2), tmp_path / "base", device="cpu", progress=False,
                           corpus_root=corpus_root)
