@@ -253,6 +253,23 @@ def test_the_needle_demo_answers_and_reports_the_needle_block(at):
     assert [m.label for m in at.metric if m.label.endswith("answers")] == [f"{name} answers", "dense-tiny answers"]
 
 
+def test_the_needle_demo_answers_without_the_other_rule_when_the_checkpoint_is_gone(at, tmp_path):
+    at.switch_page("views/model.py").run()
+    at.file_uploader(key="upload_pick").set_value(
+        ("tiny.safetensors", _tiny_checkpoint_bytes(tmp_path), "application/octet-stream")
+    ).run()
+    upload = cache.source_path(at.session_state["ckpt"])
+    at.switch_page("views/needle.py")
+    at.session_state["len"] = 256
+    at.run()
+    upload.unlink()  # the cached model still runs; its file can no longer be read for the other rule
+    at.button(key="ask").click().run()
+    assert not at.exception
+    assert any("Cannot serve" in w.value and "free rule" in w.value for w in at.warning)  # it has the paper's
+    answers = [m.label for m in at.metric if m.label.endswith("answers")]
+    assert answers == [f"{cache.source_label(at.session_state['ckpt'])} answers"]
+
+
 def test_a_needle_sweep_runs_with_progress_and_offers_its_results(at):
     at.switch_page("views/needle.py").run()
     at.multiselect(key="sweep_lengths").set_value([256])

@@ -31,6 +31,15 @@ other_rule = next((r for r in SLC_SCORES if r != config.slc_scores), None) if co
 checkpoint_label = cache.source_label(cache.split_scores(loaded.source)[0])
 
 
+def other_rule_source() -> str | None:
+    """The open checkpoint under the other selection rule; None, with a warning, if it cannot be read now."""
+    try:
+        return cache.with_scores(loaded.source, other_rule)
+    except Exception as err:  # its files changed or went away since it was opened: answer without it
+        st.warning(f"Cannot serve **{loaded.label}** under the {other_rule} rule: {err}")
+        return None
+
+
 def haystack_widget(key: str) -> np.ndarray:
     """The haystack: the held-out files, or an uploaded text file."""
     own = st.file_uploader("Your own haystack text (optional)", type=["txt", "md", "py"], key=key, max_upload_size=16)
@@ -150,7 +159,7 @@ with one:
 
     if st.session_state.get("_asked") == (loaded.source, ids):
         with st.container(key="needle_result"):
-            show_answer(ids, key, span, cache.with_scores(loaded.source, other_rule) if compare else None)
+            show_answer(ids, key, span, other_rule_source() if compare else None)
 
 with sweep_tab:
     shipped = {
