@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from . import masks
+from . import masks, reference
 from .config import NSAConfig
 
 # Chunk budgets of nsa_core.reference and nsa_core.analysis (elements per temporary); kept equal here
@@ -419,8 +419,8 @@ def _attention_stages(s: _Sizes, base: list[MemoryTerm], inputs: MemoryTerm, *, 
 def _free_share_terms(s: _Sizes) -> list[MemoryTerm]:
     """slc_scores "free": `reference.forced_share` over the K compressed tokens that overlap forced blocks."""
     c, T = s.c, s.T
-    l, d, ls = c.cmp_block, c.cmp_stride, c.slc_block
-    K = -(-c.init_blocks * ls // d) + c.local_blocks * ls // d + l // d
+    K = sum(reference.forced_token_counts(cmp_block=c.cmp_block, cmp_stride=c.cmp_stride, slc_block=c.slc_block,
+                                          init_blocks=c.init_blocks, local_blocks=c.local_blocks))
     per_q = K * c.n_head * c.head_dim
     C = min(T, max(1, REFERENCE_CHUNK_ELEMENTS // per_q))
     # Per (query, token): ids, bounds and overlaps as int64 (about 8 live), the float32 weight.

@@ -94,6 +94,14 @@ def importance_scores(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, scale=
     return torch.cat(out, 1) if out else q.new_zeros(B, 0, H, num_slc, dtype=torch.float32)
 
 
+def forced_token_counts(*, cmp_block, cmp_stride, slc_block, init_blocks, local_blocks) -> tuple[int, int]:
+    """(compressed tokens starting inside the initial forced blocks, the most that overlap a query's local
+    forced blocks): the tokens `forced_share` reads per query."""
+    n_init = -(-init_blocks * slc_block // cmp_stride)
+    n_local = local_blocks * slc_block // cmp_stride + cmp_block // cmp_stride
+    return n_init, n_local
+
+
 def forced_share(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, init_blocks, local_blocks, scale=None,
                  q_start=None):
     """The share of each query head's block importance (Eq. 9, before the group sum) on its forced blocks.
@@ -113,8 +121,9 @@ def forced_share(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, init_blocks
     init_end = init_blocks * ls  # forced range A = [0, init_end)
     local_lo = ((pos // ls - local_blocks + 1).clamp_min(0) * ls)[..., None]  # forced range B = [local_lo, local_hi)
     local_hi = (pos // ls + 1)[..., None] * ls
-    n_init = min(Tc, -(-init_end // d))  # tokens starting inside A
-    n_local = local_blocks * ls // d + l // d  # at most this many tokens overlap B
+    n_init, n_local = forced_token_counts(cmp_block=l, cmp_stride=d, slc_block=ls, init_blocks=init_blocks,
+                                          local_blocks=local_blocks)
+    n_init = min(Tc, n_init)
     first = torch.maximum(torch.div(local_lo - l, d, rounding_mode="floor") + 1, torch.full_like(local_lo, n_init))
     tokens = torch.cat([torch.arange(n_init, device=q.device).expand(B, TQ, n_init),
                         first + torch.arange(n_local, device=q.device)], -1)  # [B, TQ, K], no token twice

@@ -552,21 +552,21 @@ def _check_trainable(recipe: Recipe) -> None:
         return
     with torch.device("meta"):
         names = [n for n, _ in NSALM(recipe.config).named_parameters()]
-    unmatched = [part for part in recipe.trainable if not any(part in n for n in names)]
+    unmatched = [part for part in recipe.trainable if not any(_trains([part], n) for n in names)]
     if unmatched:
         raise ValueError(f"trainable: {unmatched} name(s) no parameter; the parameters are {', '.join(names)}")
 
 
+def _trains(trainable: list[str] | None, name: str) -> bool:
+    """Whether a run with this `trainable` trains the parameter called name."""
+    return trainable is None or any(part in name for part in trainable)
+
+
 def _trained_parameters(model: NSALM, trainable: list[str] | None) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of the parameters a run trains; the others are frozen (requires_grad off)."""
-    if trainable is None:
-        return list(model.named_parameters())
-    trained = []
     for name, p in model.named_parameters():
-        p.requires_grad_(any(part in name for part in trainable))
-        if p.requires_grad:
-            trained.append((name, p))
-    return trained
+        p.requires_grad_(_trains(trainable, name))
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def _check_init_from(recipe: Recipe) -> None:

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nsa_core import data, niah, reference, training  # noqa: E402
-from nsa_core.checkpoint import load_pretrained, read_card, save_pretrained  # noqa: E402
+from nsa_core.checkpoint import load_pretrained, read_card, read_config, save_pretrained  # noqa: E402
 from nsa_core.config import NSAConfig  # noqa: E402
 from nsa_core.train_attention import FlexNSA  # noqa: E402
 
@@ -132,10 +132,10 @@ def serve(args) -> int:
     the loss with the scores it was trained with stays in metrics.json as trained_scores_heldout_loss."""
     for name, scores in SERVED_SCORES.items():
         folder = args.work / name
+        if read_config(folder).slc_scores == scores:
+            continue
         recipe = training.Recipe.load(folder / training.RECIPE_FILE)
         trained = load_pretrained(folder)  # stored dtype
-        if trained.config.slc_scores == scores:
-            continue
         model = trained.with_selection_scores(scores)
         metrics = json.loads((folder / "metrics.json").read_text())
         metrics["trained_scores_heldout_loss"] = metrics["heldout_loss_nats_per_byte"]
