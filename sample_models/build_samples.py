@@ -15,14 +15,14 @@
 To rerun a shipped model exactly, use its own base_recipe.json and recipe.json (steps and stage
 starts fixed) with `--init-from` naming the base run's output.
 
-Each dense twin's recipe is the matching NSA run's final recipe with the attention switched: the same steps and,
-through the recorded `stage_starts`, exactly the same batches, although the NSA run's curriculum was
-set by its own accuracy. The global batch stays the same on any number of processes M (the rows of a
-step depend only on their global index). `niah` sweeps context length x depth on held-out haystacks into
-WORK/NAME/niah.json; `serve` switches a model to the selection scores it ships with (SERVED_SCORES;
-weights unchanged) and measures its held-out loss again, so the grids and the card describe the model as
-served; `cards` writes each model card with its grid and the twin's beside it, drops
-the optimizer state and packs each shipped folder as OUT/NAME.tar.
+Each dense twin's recipe is the matching NSA run's final recipe with the attention switched and every
+weight trained (`trainable` dropped): the same steps and, through the recorded `stage_starts`, exactly
+the same batches, although the NSA run's curriculum was set by its own accuracy. The global batch stays
+the same on any number of processes M (the rows of a step depend only on their global index). `niah`
+sweeps context length x depth on held-out haystacks into WORK/NAME/niah.json; `serve` switches a model
+to the selection scores it ships with (SERVED_SCORES; weights unchanged) and measures its held-out loss
+again, so the grids and the card describe the model as served; `cards` writes each model card with its
+grid and the twin's beside it, drops the optimizer state and packs each shipped folder as OUT/NAME.tar.
 """
 
 from __future__ import annotations
@@ -114,8 +114,10 @@ def twin(args) -> int:
                   file=sys.stderr)
             return 1
         init_from = str(args.work / BASES[dense_name]) if nsa.init_from is not None else None
+        # The twin trains every weight even where the NSA run froze some (`trainable`): the freeze keeps
+        # NSA's base-run language model, and the twin is the strongest dense model of the same rows and steps.
         dense = nsa.replace(name=NAMES[1], model=dict(nsa.model, attention="dense"),
-                            batch_size=global_batch // args.world, init_from=init_from)
+                            batch_size=global_batch // args.world, init_from=init_from, trainable=None)
         path = args.work / f"{dense_name}.recipe.json"
         path.write_text(dense.to_json(), encoding="utf-8")
         print(f"wrote {path}: {dense.max_steps} steps of {dense.batch_size} rows x {args.world} processes, "
