@@ -47,6 +47,11 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def card_slug(card: str) -> str:
+    """The card's name as results files spell it: "NVIDIA H200" -> "nvidia-h200"."""
+    return "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
+
+
 def ceilings():
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
     y = torch.empty_like(x)
@@ -257,9 +262,8 @@ def main(argv=None) -> int:
         except Exception:
             errors.append(f"tune: {traceback.format_exc(limit=3)}")
         torch.cuda.empty_cache()
-    slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{slug}-{meta['date']}.json"
+    path = args.out / f"{card_slug(card)}-{meta['date']}.json"
 
     def save():  # after every shape and length, so that a run cut short keeps what it measured
         path.write_text(json.dumps({**meta, "errors": errors, "results": rows}, indent=1) + "\n")

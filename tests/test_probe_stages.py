@@ -1,0 +1,65 @@
+"""benchmarks/probe_stages.py: its copies of the select kernel, with parts taken out, still follow
+kernels/select.py (under TRITON_INTERPRET=1); the timing itself runs on a GPU only."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.select import select_blocks
+from nsa_core import reference as ref
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("probe_stages", BENCHMARKS / "probe_stages.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_every_select_copy_compiles_runs_and_the_whole_one_is_the_kernel(probe, tmp_path):
+    variants = probe.select_variants()
+    assert len(set(variants.values())) == len(variants) == 5  # each copy takes out one more part
+    torch.manual_seed(0)
+    q, k_cmp, v_cmp = torch.randn(1, 200, 8, 16), torch.randn(1, 11, 2, 16), torch.randn(1, 11, 2, 8)
+    _, lse = ref.compressed_attention(q, k_cmp, v_cmp, cmp_block=32, cmp_stride=16)
+    args = {"cmp_block": 32, "cmp_stride": 16, "slc_block": 64, "top_n": 2}
+    expected = select_blocks(q, k_cmp, lse, **args)
+    for i, (label, source) in enumerate(variants.items()):
+        module = probe.load_module(source, f"select_variant_{i}", tmp_path)
+        idx = module.select_blocks(q, k_cmp, lse, **args)
+        assert idx.shape == expected.shape, label
+        if label == "whole":
+            assert torch.equal(idx, expected)
+
+
+def test_a_select_kernel_that_changed_stops_the_probe(probe, monkeypatch):
+    monkeypatch.setattr(probe, "SELECT_SOURCE", probe.SELECT_SOURCE.replace(probe.CARRY, ""))
+    with pytest.raises(SystemExit, match="no longer in kernels/select.py"):
+        probe.select_variants()
+
+
+def test_the_gather_kernel_reads_every_selected_tile(probe):
+    """Its one output, the max over the K and V of the selected blocks, proves which tiles were loaded."""
+    torch.manual_seed(0)
+    T, H, D, block, n = 256, 2, 16, 64, 3
+    k, v = torch.randn(1, T, H, D), torch.randn(1, T, H, D)
+    ids = torch.randint(0, T // block, (1, T, H, n), dtype=torch.int32)
+    ids[..., -1] = -1  # an empty slot reads nothing
+    out = torch.empty(T, H, D)
+    probe._gather_kernel[(T, H)](ids, k, v, out, k.stride(1), v.stride(1), ids.stride(1), H, SLC_BLOCK=block,
+                                 TOP_N=n, D=D)
+    tiles = torch.stack([k[0], v[0]]).unflatten(1, (T // block, block))  # [2, T/l', l', H, D]
+    for t, h in [(0, 0), (100, 1), (255, 0)]:
+        chosen = [int(j) for j in ids[0, t, h] if j >= 0]
+        expected = tiles[:, chosen, :, h].amax(dim=(0, 1, 2)).clamp(min=0)  # masked loads read 0
+        torch.testing.assert_close(out[t, h], expected)
