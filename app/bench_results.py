@@ -22,8 +22,9 @@ _TIME = ("ms", "median_ms", "time_ms", "ms_median")
 _IMPL = ("impl", "provider", "implementation", "method", "name", "backend")
 _GROUP = ("shape", "config", "head_dim")  # one chart per shape
 _STAGE = ("stage", "op")
-# Stages named "tune:..." are kernel-configuration sweeps: listed in the table, left out of the charts.
-_TUNING_PREFIX = "tune:"  # part of the line name: "nsa · triton", "dense · sdpa-flash"
+# Stages named "tune:..." are kernel-configuration sweeps and "probe:..." copies of a kernel with parts
+# taken out (benchmarks/probe_stages.py): listed in the table, left out of the charts.
+_TABLE_ONLY_PREFIXES = ("tune:", "probe:")  # a stage is part of the line name: "nsa · triton"
 
 
 class ResultsError(ValueError):
@@ -60,7 +61,7 @@ def _measurements(record: dict, wide_title: str):
     if isinstance(ms, int | float) and impl is not None:
         title = " · ".join(f"{k} {record[k]}" for k in _GROUP if k in record) or "attention forward"
         stage = _pick(record, _STAGE)
-        if str(stage).startswith(_TUNING_PREFIX):
+        if str(stage).startswith(_TABLE_ONLY_PREFIXES):
             return
         yield title, f"{stage} · {impl}" if stage is not None else str(impl), float(ms)
         return

@@ -13,7 +13,8 @@ an elementwise max), once with the real ids and once with every id below 64 (4k 
 L2): the rate at which one query's blocks can be fetched at all, the floor of a group-centric kernel.
 
 Random bfloat16 inputs as in bench_attention.py; medians of triton.testing.do_bench. Prints a table
-and writes benchmarks/results/<card>-<date>-probe.json.
+and writes benchmarks/results/<card>-<date>-probe.json, one record per timing with stage "probe:select",
+"probe:selected" or "probe:gather" (the app lists these in its table and leaves them out of its charts).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _gather_kernel(IDX, K, V, OUT, skt, svt, sit, H, SLC_BLOCK: tl.constexpr, TO
     tl.store(OUT + (t * H + h) * D + d, tl.max(acc, 1))
 
 
-def probe_shape(name: str, T: int, folder: Path) -> dict[str, float]:
+def probe_shape(name: str, T: int, folder: Path) -> list[dict]:
+    """Records {shape, T, stage "probe:...", impl, ms} (gathers also TBps) of one shape at length T."""
     HQ, H, dk, dv = SHAPES[name]
     if dk != dv:
         raise SystemExit(f"probe_stages: the gather kernel needs Dk = Dv ({name} has {dk}, {dv})")
@@ -115,7 +117,11 @@ def probe_shape(name: str, T: int, folder: Path) -> dict[str, float]:
     scale = dk**-0.5
     _, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, cmp_block=l, cmp_stride=d,
                                 want_lse=True)
-    times, block_idx = {}, None
+    rows, block_idx = [], None
+
+    def record(stage, impl, ms, **extra):
+        rows.append({"shape": name, "T": T, "stage": f"probe:{stage}", "impl": impl, "ms": ms, **extra})
+
     for i, (label, source) in enumerate(select_variants().items()):
         module = load_module(source, f"select_variant_{i}", folder)
 
@@ -125,10 +131,10 @@ def probe_shape(name: str, T: int, folder: Path) -> dict[str, float]:
 
         if block_idx is None:
             block_idx = select()
-        times[f"select: {label}"] = bench(select)
+        record("select", label, bench(select))
     for path in ("group", "block"):
-        times[f"selected, {path} path, {n} slots"] = bench(
-            lambda path=path: run_selected(q, k, v, block_idx, pos0, slc_block=l_slc, scale=scale, path=path))
+        record("selected", f"{path} path, {n} slots", bench(
+            lambda path=path: run_selected(q, k, v, block_idx, pos0, slc_block=l_slc, scale=scale, path=path)))
     out = torch.empty(T, H, dk, device="cuda", dtype=torch.bfloat16)
     gathered_gb = T * H * n * l_slc * dk * 2 * 2 / 1e9  # K and V, bfloat16
     for label, ids in (("real ids", block_idx), ("ids < 64", block_idx % 64)):
@@ -136,9 +142,8 @@ def probe_shape(name: str, T: int, folder: Path) -> dict[str, float]:
         ms = bench(lambda ids=ids: _gather_kernel[(T, H)](ids, k, v, out, k.stride(1), v.stride(1), ids.stride(1), H,
                                                           SLC_BLOCK=l_slc, TOP_N=n, D=dk, num_warps=4,
                                                           num_stages=3))
-        times[f"gather K+V only, {label}"] = ms
-        times[f"gather K+V only, {label}, TB/s"] = gathered_gb / ms
-    return times
+        record("gather", label, ms, TBps=gathered_gb / ms)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,16 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("probe_stages needs a CUDA GPU")
     card = torch.cuda.get_device_name()
-    results = {"card": card, "length": args.length, "torch": torch.__version__, "triton": triton.__version__,
-               "shapes": {}}
+    results = {"card": card, "date": dt.date.today().isoformat(), "torch": torch.__version__,
+               "triton": triton.__version__, "method": "triton.testing.do_bench median, random normal inputs",
+               "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes:
-            results["shapes"][name] = probe_shape(name, args.length, Path(tmp))
+            results["results"] += probe_shape(name, args.length, Path(tmp))
     print(f"{card}, T = {args.length}, ms (medians)")
-    for name, times in results["shapes"].items():
-        for label, value in times.items():
-            print(f"  {name:9s} {label:40s} {value:8.3f}")
-    out = ROOT / "benchmarks" / "results" / f"{card_slug(card)}-{dt.date.today()}-probe.json"
+    for row in results["results"]:
+        rate = f"  {row['TBps']:.2f} TB/s" if "TBps" in row else ""
+        print(f"  {row['shape']:9s} {row['stage']:15s} {row['impl']:25s} {row['ms']:8.3f}{rate}")
+    out = ROOT / "benchmarks" / "results" / f"{card_slug(card)}-{results['date']}-probe.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -258,6 +258,7 @@ def test_bench_results_group_records_into_charts():
             {"shape": "paper128", "stage": "dense", "impl": "sdpa-flash", "T": 8192, "ms": 3.0},
             {"shape": "small", "stage": "select", "impl": "triton", "T": 8192, "ms": 0.5},
             {"shape": "small", "stage": "tune:select-merge", "impl": "4", "T": 8192, "ms": 0.4},
+            {"shape": "small", "stage": "probe:select", "impl": "- merge", "T": 8192, "ms": 0.2},
             {"note": "no numbers here"},
         ],
     }
@@ -265,8 +266,8 @@ def test_bench_results_group_records_into_charts():
     assert rec.charts["shape paper128"]["nsa · triton"] == ([8192, 16384], [1.0, 2.0])
     assert set(rec.charts["shape paper128"]) == {"nsa · triton", "dense · sdpa-flash"}
     assert set(rec.charts) == {"shape paper128", "shape small"}
-    assert set(rec.charts["shape small"]) == {"select · triton"}  # tuning sweeps stay in the table only
-    assert len(rec.rows) == 6
+    assert set(rec.charts["shape small"]) == {"select · triton"}  # sweeps and probes stay in the table only
+    assert len(rec.rows) == 7
     assert "card: H100" in rec.description and "errors" not in rec.description
 
 
