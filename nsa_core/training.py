@@ -10,7 +10,8 @@ kernels are forward-only; on a CPU they go through the differentiable reference.
 PyTorch's scaled_dot_product_attention either way.
 
 A run may start from another checkpoint's weights (`init_from`, a second phase such as a long-context
-fine-tune) with a fresh optimizer; the model fields must match that checkpoint's config.
+fine-tune) with a fresh optimizer; the model fields must match that checkpoint's config. It may train only
+some weights (`trainable`) and pull them back toward that checkpoint's after every step (`init_decay`).
 
 A time budget turns into a step count once: after `calibrate_steps` timed steps the run fixes
 max_steps so the rest fits, before warm-up ends, so the learning-rate schedule is the one a rerun
@@ -95,6 +96,11 @@ class Recipe:
     # Train only the parameters whose name contains one of these strings (".attn." for a long-context run
     # that leaves the MLPs, embeddings and norms as the run it starts from left them); None trains all.
     trainable: list[str] | None = None
+    # Decay toward the init_from weights, per unit of learning rate: after each step every trained weight
+    # moves lr * init_decay of the way back to where the run started (L2-SP, decoupled like AdamW's
+    # weight decay), so that a second phase learns its task near its base instead of drifting away from
+    # what the base learned; 0 is off.
+    init_decay: float = 0.0
     max_steps: int = 1000
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -125,6 +131,9 @@ class Recipe:
         parts = self.trainable
         if parts is not None and (not parts or not all(isinstance(x, str) and x for x in parts)):
             raise ValueError(f"trainable must be a non-empty list of parameter-name parts or null, got {parts}")
+        if self.init_decay < 0 or self.lr * self.init_decay > 1 or (self.init_decay > 0 and self.init_from is None):
+            raise ValueError(f"init_decay must be in [0, 1 / lr], and > 0 only with init_from (got "
+                             f"{self.init_decay}, lr {self.lr}, init_from {self.init_from})")
         if self.first_answer_weight is not None and self.first_answer_weight <= 0:
             raise ValueError(f"first_answer_weight must be > 0 or null, got {self.first_answer_weight}")
         if not 0.0 <= self.selected_dropout < 1.0:
@@ -283,6 +292,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         model.reset_parameters(seed=recipe.seed)
     model.to(device).train()
     trained = _trained_parameters(model, recipe.trainable)  # before DDP, which hooks the trained ones only
+    anchors = _init_anchors(recipe, trained, device)
     ops, path_name = attention_ops(recipe, device)
     loss_module = TrainingLoss(model, ops, recipe)
     step_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda"
@@ -341,6 +351,10 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
+        if anchors:
+            with torch.no_grad():
+                for param, anchor in anchors:
+                    param.lerp_(anchor, lr * recipe.init_decay)
         step += 1
         tokens += inputs.numel() * world
         if device.type == "cuda":
@@ -567,6 +581,15 @@ def _trained_parameters(model: NSALM, trainable: list[str] | None) -> list[tuple
     for name, p in model.named_parameters():
         p.requires_grad_(_trains(trainable, name))
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _init_anchors(recipe: Recipe, trained: list[tuple[str, nn.Parameter]],
+                  device: torch.device) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, its init_from weights) for every trained parameter when the recipe decays toward them."""
+    if recipe.init_decay == 0:
+        return []
+    start = load_pretrained(recipe.init_from, dtype=torch.float32).state_dict()  # also when resuming
+    return [(p, start[name].to(device)) for name, p in trained]
 
 
 def _check_init_from(recipe: Recipe) -> None:

@@ -198,6 +198,38 @@ def test_trainable_freezes_every_other_parameter(tmp_path, corpus_root):
         tiny_recipe(trainable=[])
 
 
+def test_init_decay_pulls_each_step_back_toward_the_starting_weights(tmp_path, corpus_root):
+    """After a step, a run with init_decay holds the plain run's weights moved lr * init_decay of the way
+    back to the init_from weights (every trained one; frozen ones stay put), and it resumes the same."""
+    base = training.train(tiny_recipe(max_steps=2), tmp_path / "base", device="cpu", progress=False,
+                          corpus_root=corpus_root)
+    start = dict(base.model.named_parameters())
+    common = {"init_from": str(tmp_path / "base"), "seed": 3, "trainable": [".attn.", "mlp"]}
+    plain = training.train(tiny_recipe(**common), tmp_path / "plain", device="cpu", progress=False,
+                           corpus_root=corpus_root, stop_after=1)
+    recipe = tiny_recipe(**common, init_decay=30.0)
+    pulled = training.train(recipe, tmp_path / "pulled", device="cpu", progress=False, corpus_root=corpus_root,
+                            stop_after=1)
+    t = training.lr_at(recipe, 0, recipe.max_steps) * recipe.init_decay  # 0.3 of the way back
+    after = dict(pulled.model.named_parameters())
+    for name, p in plain.model.named_parameters():
+        if any(part in name for part in common["trainable"]):
+            assert not torch.equal(p, start[name]), f"{name} did not train"
+            torch.testing.assert_close(after[name], torch.lerp(p, start[name], t), msg=name)
+        else:
+            assert torch.equal(after[name], start[name]), f"{name} changed although frozen"
+    # Resuming decays toward the init_from weights again, not toward the state it resumes from.
+    resumed = training.train(recipe, tmp_path / "pulled", device="cpu", progress=False, corpus_root=corpus_root,
+                             resume=True, stop_after=1)
+    whole = training.train(recipe, tmp_path / "whole", device="cpu", progress=False, corpus_root=corpus_root,
+                           stop_after=2)
+    for (name, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    for bad in ({"init_decay": -1.0, **common}, {"init_decay": 1.0}, {"init_decay": 200.0, **common}):
+        with pytest.raises(ValueError, match="init_decay"):
+            tiny_recipe(**bad)
+
+
 def test_init_from_starts_at_a_checkpoints_weights(tmp_path, corpus_root):
     base = training.train(tiny_recipe(max_steps=2), tmp_path / "base", device="cpu", progress=False,
                           corpus_root=corpus_root)
