@@ -326,9 +326,11 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     step_times: list[float] = []
     t0 = time.perf_counter()
     gate_history: list[float] = []
-    eval_ids = data.heldout_rows(
-        data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction, root=corpus_root),
-        seq_len=recipe.seq_len, rows=recipe.eval_rows) if recipe.eval_every is not None and is_main else None
+    def heldout_ids() -> torch.Tensor:  # the held-out rows of the periodic and the final evaluation
+        corpus = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction, root=corpus_root)
+        return data.heldout_rows(corpus, seq_len=recipe.seq_len, rows=recipe.eval_rows)
+
+    eval_ids = heldout_ids() if recipe.eval_every is not None and is_main else None
     step = start_step
     while step < max_steps and (stop_after is None or step - start_step < stop_after):
         if stop_after_s is not None and _any_rank(time.perf_counter() - t0 >= stop_after_s, world, device):
@@ -408,7 +410,6 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     model = _rounded(model, SAVE_DTYPES[recipe.save_dtype]).eval()
     metrics: dict[str, Any] = {}
     if is_main:
-        heldout = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction, root=corpus_root)
         metrics = {
             "attention": recipe.config.attention,
             "parameters": model.num_parameters(),
@@ -423,7 +424,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
             "attention_path": path_name if recipe.config.attention == "nsa" else "sdpa",
             "torch": torch.__version__,
             "python": platform.python_version(),
-            **evaluate_heldout(model, heldout, seq_len=recipe.seq_len, rows=recipe.eval_rows),
+            **heldout_metrics(model, eval_ids if eval_ids is not None else heldout_ids()),
         }
         shipped = _rounded(model, SAVE_DTYPES[recipe.save_dtype], keep=True)
         save_pretrained(shipped, out_dir, metrics=metrics, card=training_card(shipped, final, metrics))
@@ -434,7 +435,11 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
 
 def evaluate_heldout(model: NSALM, corpus: np.ndarray, *, seq_len: int, rows: int) -> dict[str, float]:
     """Mean next-byte loss over `rows` evenly spaced held-out windows, through the model's own forward."""
-    ids = data.heldout_rows(corpus, seq_len=seq_len, rows=rows)
+    return heldout_metrics(model, data.heldout_rows(corpus, seq_len=seq_len, rows=rows))
+
+
+def heldout_metrics(model: NSALM, ids: torch.Tensor) -> dict[str, float]:
+    """The held-out loss of rows ids [R, T + 1] as metrics.json records it (nats and bits per byte, tokens)."""
     loss = heldout_loss(model, ids)
     return {"heldout_loss_nats_per_byte": round(loss, 5), "heldout_bits_per_byte": round(loss / math.log(2), 5),
             "heldout_tokens": ids[:, 1:].numel()}

@@ -1,5 +1,6 @@
 """Shared test setup: deterministic seeds, Triton's interpreter on machines without a GPU, gpu marker."""
 
+import importlib.util
 import os
 
 import pytest
@@ -22,3 +23,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(42)
+
+
+@pytest.fixture
+def import_script(monkeypatch):
+    """Import a script of the repository (sample_models/, benchmarks/) as a module, with its own folder on
+    sys.path for the imports it makes of its neighbours, as when it runs as a script."""
+
+    def load(path):
+        monkeypatch.syspath_prepend(str(path.parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,19 +1,18 @@
 """sample_models/build_samples.py: the dense twin's recipe written from a finished NSA run."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 from nsa_core.training import RECIPE_FILE, Recipe
 
 SCRIPT = Path(__file__).resolve().parent.parent / "sample_models" / "build_samples.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("build_samples", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def build_samples(import_script):
+    return import_script(SCRIPT)
 
 
 def finished_run(folder: Path, recipe: Recipe, world_size: int) -> None:
@@ -22,8 +21,7 @@ def finished_run(folder: Path, recipe: Recipe, world_size: int) -> None:
     (folder / "metrics.json").write_text(json.dumps({"world_size": world_size}), encoding="utf-8")
 
 
-def test_twin_recipe_switches_the_attention_and_trains_every_weight(tmp_path):
-    build_samples = load_script()
+def test_twin_recipe_switches_the_attention_and_trains_every_weight(build_samples, tmp_path):
     nsa = Recipe(name="nsa-tiny", model={"attention": "nsa", "rope_theta": 1e6}, seed=7, init_from="/runs/nsa-base",
                  seq_len=2048, batch_size=2, max_steps=300, stage_starts=[0, 120], trainable=[".attn."],
                  eval_every=100)
@@ -44,8 +42,7 @@ def test_twin_recipe_switches_the_attention_and_trains_every_weight(tmp_path):
             assert getattr(dense, field) == getattr(nsa, field), field
 
 
-def test_twin_refuses_a_global_batch_that_does_not_split(tmp_path, capsys):
-    build_samples = load_script()
+def test_twin_refuses_a_global_batch_that_does_not_split(build_samples, tmp_path, capsys):
     recipe = Recipe(name="nsa-tiny", model={"attention": "nsa"}, seq_len=2048, batch_size=3, max_steps=10)
     finished_run(tmp_path / "nsa-tiny", recipe, world_size=1)
     assert build_samples.main(["twin", "--work", str(tmp_path), "--world", "2"]) == 1

@@ -1,8 +1,6 @@
 """benchmarks/probe_stages.py: its copies of the select kernel, with parts taken out, still follow
 kernels/select.py (under TRITON_INTERPRET=1); the timing itself runs on a GPU only."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +12,9 @@ from nsa_core import reference as ref
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def probe():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("probe_stages", BENCHMARKS / "probe_stages.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+@pytest.fixture
+def probe(import_script):
+    return import_script(BENCHMARKS / "probe_stages.py")
 
 
 def test_every_select_copy_compiles_runs_and_the_whole_one_is_the_kernel(probe, tmp_path):
