@@ -15,9 +15,9 @@
 To rerun a shipped model exactly, use its own base_recipe.json and recipe.json (steps and stage
 starts fixed) with `--init-from` naming the base run's output.
 
-Each dense twin's recipe is the matching NSA run's final recipe with the attention switched and every
-weight trained (`trainable` dropped): the same steps and, through the recorded `stage_starts`, exactly
-the same batches, although the NSA run's curriculum was set by its own accuracy. The global batch stays
+Each dense twin's recipe is the matching NSA run's final recipe with the attention switched: the same
+steps, the same frozen weights (`trainable`) and, through the recorded `stage_starts`, exactly the same
+batches, although the NSA run's curriculum was set by its own accuracy. The global batch stays
 the same on any number of processes M (the rows of a step depend only on their global index). `niah`
 sweeps context length x depth on held-out haystacks into WORK/NAME/niah.json; `serve` switches a model
 to the selection scores it ships with (SERVED_SCORES; weights unchanged) and measures its held-out loss
@@ -114,10 +114,10 @@ def twin(args) -> int:
                   file=sys.stderr)
             return 1
         init_from = str(args.work / BASES[dense_name]) if nsa.init_from is not None else None
-        # The twin trains every weight even where the NSA run froze some (`trainable`): the freeze keeps
-        # NSA's base-run language model, and the twin is the strongest dense model of the same rows and steps.
+        # The same recipe in everything but the attention, `trainable` and `init_decay` included: keeping
+        # part of the base run's weights helps a dense model as much as an NSA one (docs/training.md).
         dense = nsa.replace(name=NAMES[1], model=dict(nsa.model, attention="dense"),
-                            batch_size=global_batch // args.world, init_from=init_from, trainable=None)
+                            batch_size=global_batch // args.world, init_from=init_from)
         path = args.work / f"{dense_name}.recipe.json"
         path.write_text(dense.to_json(), encoding="utf-8")
         print(f"wrote {path}: {dense.max_steps} steps of {dense.batch_size} rows x {args.world} processes, "
