@@ -413,6 +413,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         metrics = {
             "attention": recipe.config.attention,
             "parameters": model.num_parameters(),
+            **({"trained_parameters": sum(p.numel() for _, p in trained)} if recipe.trainable else {}),
             "steps": step,
             "tokens": tokens,
             "seq_len": recipe.seq_len,
@@ -528,7 +529,21 @@ def _run_summary(recipe: Recipe, metrics: dict[str, Any]) -> str:
             f"({metrics.get('tokens', 0):,} tokens), {metrics.get('train_seconds')} s on {metrics.get('device')} "
             f"(world size {metrics.get('world_size')}, torch {metrics.get('torch')}, attention path "
             f"{metrics.get('attention_path')}). AdamW, lr {recipe.lr} with {recipe.warmup_steps} warm-up steps and "
-            f"cosine decay to {recipe.min_lr_ratio} x, bf16 autocast on GPU; weights stored as {recipe.save_dtype}.")
+            f"cosine decay to {recipe.min_lr_ratio} x, bf16 autocast on GPU; weights stored as {recipe.save_dtype}."
+            + _what_trains(recipe, metrics))
+
+
+def _what_trains(recipe: Recipe, metrics: dict[str, Any]) -> str:
+    """The card's sentence on frozen weights and the pull toward the starting weights, "" for neither."""
+    said = ""
+    if recipe.trainable:
+        names = ", ".join(f"`{part}`" for part in recipe.trainable)
+        said += (f" Only the weights whose names contain {names} train ({metrics.get('trained_parameters', 0):,} of "
+                 f"{metrics.get('parameters', 0):,}); the others stay as the run started.")
+    if recipe.init_decay:
+        said += (f" After each step the trained weights move lr x {recipe.init_decay} of the way back to the "
+                 "starting ones (`init_decay`).")
+    return said
 
 
 # helpers ---------------------------------------------------------------------------------------

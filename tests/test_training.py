@@ -190,6 +190,10 @@ def test_trainable_freezes_every_other_parameter(tmp_path, corpus_root):
             assert not torch.equal(after[name], p), f"{name} did not train"
         else:
             assert torch.equal(after[name], p), f"{name} changed although frozen"
+    attn = sum(p.numel() for name, p in start.named_parameters() if ".attn." in name)
+    assert result.metrics["trained_parameters"] == attn < result.metrics["parameters"]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"Only the weights whose names contain `.attn.` train ({attn:,} of {result.metrics['parameters']:,})" in card
     with pytest.raises(ValueError, match=r"\['mlp_typo'\] name\(s\) no parameter"):
         training.train(tiny_recipe(trainable=["mlp_typo"]), tmp_path / "bad", device="cpu", progress=False,
                        corpus_root=corpus_root)
@@ -225,6 +229,9 @@ def test_init_decay_pulls_each_step_back_toward_the_starting_weights(tmp_path, c
                            stop_after=2)
     for (name, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+    card = training.training_card(pulled.model, recipe, {"parameters": 10, "trained_parameters": 4})
+    assert "Only the weights whose names contain `.attn.`, `mlp` train (4 of 10)" in card
+    assert "the trained weights move lr x 30.0 of the way back to the starting ones" in card
     for bad in ({"init_decay": -1.0, **common}, {"init_decay": 1.0}, {"init_decay": 200.0, **common}):
         with pytest.raises(ValueError, match="init_decay"):
             tiny_recipe(**bad)
