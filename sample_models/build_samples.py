@@ -115,7 +115,7 @@ def twin(args) -> int:
             return 1
         init_from = str(args.work / BASES[dense_name]) if nsa.init_from is not None else None
         # The same recipe in everything but the attention, `trainable` and `init_decay` included: keeping
-        # part of the base run's weights helps a dense model as much as an NSA one (docs/training.md).
+        # part of the base run's weights helps a dense model too (docs/training.md).
         dense = nsa.replace(name=NAMES[1], model=dict(nsa.model, attention="dense"),
                             batch_size=global_batch // args.world, init_from=init_from)
         path = args.work / f"{dense_name}.recipe.json"
