@@ -401,7 +401,8 @@ def needle_selection(
     source: str, device: str, dtype: str, ids: tuple[int, ...], needle_span: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """At the last query (where the answer starts), per layer and KV head: was a block holding the needle
-    chosen (hit [L, H] bool), and the best rank of such a block by importance (rank [L, H], 0 = first)."""
+    chosen (hit [L, H] bool), and the best rank of such a block by importance (rank [L, H], 0 = first,
+    -1 where the group cast no vote: QueryDetail.voted)."""
     trace = trace_ids(source, device, dtype, ids).trace
     c = trace.config
     query = len(ids) - 1
@@ -410,8 +411,8 @@ def needle_selection(
     rank = np.zeros((c.n_layer, c.n_kv_head), dtype=np.int64)
     for layer in range(c.n_layer):
         chosen = trace.layers[layer].block_idx[query]  # [H, n]
-        importance = query_detail(source, device, dtype, ids, layer, query).block_importance  # [H, Ns]
+        detail = query_detail(source, device, dtype, ids, layer, query)
         for h in range(c.n_kv_head):
             hit[layer, h] = np.isin(needle_blocks, chosen[h]).any()
-            rank[layer, h] = min(int((importance[h] > importance[h, b]).sum()) for b in needle_blocks)
+            rank[layer, h] = detail.importance_rank(h, needle_blocks)
     return hit, rank

@@ -724,12 +724,13 @@ def gates_along_position(
 
 def needle_selection(hit: np.ndarray, *, rank: np.ndarray | None = None, title: str | None = None) -> go.Figure:
     """Was the needle's block chosen at the answer? hit [L, H] (1 chosen, 0 not) per layer and KV head;
-    rank [L, H] (optional): the block's rank in the importance scores (0 = best)."""
+    rank [L, H] (optional): the block's rank in the importance scores (0 = best, -1: the group cast no vote)."""
     hit = np.asarray(hit, np.float32)
     L, H = hit.shape
     text = np.where(hit > 0, "chosen", "missed")
     if rank is not None:
-        text = np.char.add(text, np.char.add("<br>rank ", np.asarray(rank).astype(int).astype(str)))
+        rank = np.asarray(rank).astype(int)
+        text = np.char.add(text, np.where(rank >= 0, np.char.add("<br>rank ", rank.astype(str)), "<br>no vote"))
     fig = go.Figure(
         go.Heatmap(
             z=hit,

@@ -65,6 +65,21 @@ class QueryDetail:
     gates: np.ndarray  # [HQ, 3] (cmp, slc, win)
     dense_row: np.ndarray  # [HQ, query + 1] full causal softmax over keys 0..query
 
+    @property
+    def voted(self) -> np.ndarray:
+        """[H] bool: whether any block of the KV head's group has importance. Every score is 0 when no
+        compressed token is visible yet, or with "free" scores when each head of the group attended only to
+        forced blocks (it casts no vote): the blocks then chosen are ties, taken by lowest id."""
+        return self.block_importance.any(-1)
+
+    def importance_rank(self, kv_head: int, blocks: np.ndarray) -> int:
+        """The best rank (0 = first, ties share the better rank) of any of `blocks` in the KV head's
+        importance, or -1 where the group cast no vote and there is no ranking."""
+        if not self.voted[kv_head]:
+            return -1
+        scores = self.block_importance[kv_head]
+        return min(int((scores > scores[b]).sum()) for b in blocks)
+
 
 @dataclass(frozen=True)
 class PooledMap:

@@ -84,6 +84,23 @@ def test_query_detail_matches_brute_force(setup):
         analysis.query_detail(model, ids, layer=1, query=T)
 
 
+def test_query_detail_says_where_a_group_cast_no_vote(setup):
+    """With "free" scores, a query whose visible compressed tokens all lie in forced blocks gives its groups no
+    vote: every importance is 0 and there is no rank to report. The paper's scores still rank blocks there."""
+    model, ids, _ = setup
+    free = model.with_selection_scores("free")
+    early = 3 * model.config.slc_block - 1  # keys 0..47: the initial block and the two local ones, all forced
+    d = analysis.query_detail(free, ids, layer=1, query=early)
+    assert not d.voted.any() and not d.block_importance.any()
+    assert d.importance_rank(0, np.array([1])) == -1
+    assert analysis.query_detail(model, ids, layer=1, query=early).voted.all()
+    late = analysis.query_detail(free, ids, layer=1, query=T - 1)
+    assert late.voted.all()
+    order = np.argsort(-late.block_importance[1], kind="stable")
+    assert late.importance_rank(1, order[[2]]) == 2
+    assert late.importance_rank(1, order[[5, 1]]) == 1
+
+
 def test_pooled_dense_map_whole_and_zoomed(setup):
     model, ids, trace = setup
     P = dense_probs(model, ids, 0)

@@ -74,6 +74,8 @@ def test_a_click_on_the_selection_map_opens_that_query_in_the_inspector(at):
     assert at.number_input(key="query").value == 40
     assert any(m.value.startswith("Query **40**") for m in at.markdown)
     assert at.query_params["query"] == "40"  # the permalink follows
+    # 96 tokens lie in the forced blocks (initial and local), so under the shipped "free" scores no group votes.
+    assert any("cast no vote at this query" in c.value for c in at.caption)
     # The inspector's dense row covers exactly keys 0..40.
     spec = _chart(at, "denserow").proto.spec
     assert '"range":[-0.5,40.5]' in spec.replace(" ", "")

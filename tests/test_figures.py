@@ -149,12 +149,12 @@ def test_niah_grid_keeps_unrun_cells_empty_and_is_clickable():
 
 
 def test_needle_selection_shows_layers_top_down():
-    fig = figures.needle_selection(np.array([[True, False], [False, True]]), rank=np.array([[0, 7], [3, 1]]))
+    fig = figures.needle_selection(np.array([[True, False], [False, True]]), rank=np.array([[0, 7], [-1, 1]]))
     assert fig.layout.yaxis.autorange == "reversed"
     assert list(np.asarray(fig.data[0].text).ravel()) == [
         "chosen<br>rank 0",
         "missed<br>rank 7",
-        "missed<br>rank 3",
+        "missed<br>no vote",
         "chosen<br>rank 1",
     ]
 

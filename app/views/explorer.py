@@ -184,6 +184,12 @@ def inspector(source, device, dtype, ids, layer: int, head: int, needle_span) ->
         f"{len(chosen)} blocks chosen · dense mass covered **{recall:.1%}**",
         unsafe_allow_html=True,
     )
+    if not d.voted[kv_head]:
+        st.caption(
+            f"KV group {kv_head} cast no vote at this query: every block's importance is 0, because no compressed "
+            "token is complete yet or, with *free* scores, each of its heads attended only to forced blocks. Its "
+            "chosen blocks are ties, taken by lowest id."
+        )
     left, right = st.columns(2)
     with left:
         widgets.chart(
