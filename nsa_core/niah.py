@@ -8,6 +8,7 @@
     nsa-explorer niah CHECKPOINT [--haystack heldout|FILE] --lengths 1024,2048 --depths 10 --trials 20 --out R.json
         [--depths 0.05,0.1,0.15]    # the depths themselves instead of a count
         [--backend reference|triton|auto]    # the Triton kernels answer faster on a GPU
+        [--record-choice]    # NSA: per trial, which layers and KV groups chose the needle's block
 
 A prompt is <bos>, then haystack tokens with the needle sentence (`data.NEEDLE`) on its own line at a
 depth in [0, 1] of the haystack, then the question (`data.QUESTION`) and <sep>: exactly `length`
@@ -44,6 +45,11 @@ class NeedlePrompt:
     depth: float
     needle_at: int  # token index where the needle sentence starts
 
+    @property
+    def needle_span(self) -> tuple[int, int]:
+        """First and last token index of the needle sentence."""
+        return self.needle_at, self.needle_at + len(tokenizer.encode(data.NEEDLE.format(key=self.key))) - 1
+
 
 @dataclass(frozen=True)
 class CellResult:
@@ -53,6 +59,9 @@ class CellResult:
     correct: int
     answers: list[str]  # decoded answer per trial (up to <eos>)
     keys: list[str]
+    # Per trial [L][H] (NSA, when the sweep records it): whether layer l's KV group h chose a block holding
+    # the needle at the answer token (the prompt's last), as needle_chosen computes it.
+    needle_chosen: list[list[list[bool]]] | None = None
 
     @property
     def accuracy(self) -> float:
@@ -132,9 +141,24 @@ def is_correct(tokens: Sequence[int], key: str) -> bool:
     return tokenizer.EOS in tokens and tokens[:tokens.index(tokenizer.EOS)] == tokenizer.encode(key)
 
 
+def needle_chosen(model: NSALM, prompt: NeedlePrompt) -> np.ndarray:
+    """[L, H] bool: at the answer token (the prompt's last), did layer l's KV group h choose a block holding
+    any of the needle sentence? From one traced forward pass of the prompt; NSA models only."""
+    if model.config.attention != "nsa":
+        raise ValueError("only an NSA model chooses blocks")
+    with torch.no_grad():
+        _, trace = model(torch.tensor([prompt.ids], device=model.device), trace=True)
+    first, last = prompt.needle_span
+    blocks = np.arange(first // model.config.slc_block, last // model.config.slc_block + 1)
+    return np.stack([np.isin(layer.block_idx[-1], blocks).any(-1) for layer in trace.layers])
+
+
 def run_cell(model: NSALM, haystack, *, length: int, depth: float, trials: int, seed: int = 0,
-             batch_size: int | None = None) -> CellResult:
-    """`trials` prompts at (length, depth), answered greedily in batches; keys and offsets drawn from seed."""
+             batch_size: int | None = None, record_choice: bool = False) -> CellResult:
+    """`trials` prompts at (length, depth), answered greedily in batches; keys and offsets drawn from seed.
+
+    record_choice (NSA): also record per trial which layers and KV groups chose the needle's block
+    (`needle_chosen`), at the cost of one more forward pass per prompt."""
     tokens = haystack_tokens(haystack)
     rng = np.random.default_rng([seed, length, round(depth * 10_000)])
     keys = [data.random_key(rng) for _ in range(trials)]
@@ -150,16 +174,20 @@ def run_cell(model: NSALM, haystack, *, length: int, depth: float, trials: int, 
         for p, row in zip(batch, out.tolist(), strict=True):
             answers.append(answer_text(row))
             correct += is_correct(row, p.key)
-    return CellResult(length, depth, trials, correct, answers, keys)
+    chosen = [needle_chosen(model, p).tolist() for p in prompts] if record_choice else None
+    return CellResult(length, depth, trials, correct, answers, keys, chosen)
 
 
 def sweep(model: NSALM, haystack, *, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0,
-          batch_size: int | None = None, progress: bool = True,
+          batch_size: int | None = None, progress: bool = True, record_choice: bool = False,
           callback: Callable[[int, int, CellResult], None] | None = None) -> dict[str, Any]:
     """Every (length, depth) cell; callback(done, total, cell) after each (for a UI progress bar).
 
-    Returns JSON-ready results: accuracy[i][j] for lengths[i] x depths[j], and every cell's answers.
+    Returns JSON-ready results: accuracy[i][j] for lengths[i] x depths[j], and every cell's answers (and,
+    with record_choice, each trial's needle_chosen [L][H]; see run_cell).
     """
+    if record_choice and model.config.attention != "nsa":
+        raise ValueError("record_choice needs an NSA model: a dense model chooses no blocks")
     tokens = haystack_tokens(haystack)
     cells = [(length, depth) for length in lengths for depth in depths]
     bar = None
@@ -170,7 +198,8 @@ def sweep(model: NSALM, haystack, *, lengths: Sequence[int], depths: Sequence[fl
     results: list[CellResult] = []
     t0 = time.perf_counter()
     for done, (length, depth) in enumerate(cells, 1):
-        cell = run_cell(model, tokens, length=length, depth=depth, trials=trials, seed=seed, batch_size=batch_size)
+        cell = run_cell(model, tokens, length=length, depth=depth, trials=trials, seed=seed, batch_size=batch_size,
+                        record_choice=record_choice)
         results.append(cell)
         if bar is not None:
             bar.set_postfix(length=length, depth=depth, acc=f"{cell.accuracy:.2f}")
@@ -191,7 +220,7 @@ def sweep(model: NSALM, haystack, *, lengths: Sequence[int], depths: Sequence[fl
         "accuracy": grid,
         "min_accuracy_per_length": {str(length): min(row) for length, row in zip(lengths, grid, strict=True)},
         "seconds": round(time.perf_counter() - t0, 1),
-        "cells": [asdict(c) | {"accuracy": c.accuracy} for c in results],
+        "cells": [{k: v for k, v in asdict(c).items() if v is not None} | {"accuracy": c.accuracy} for c in results],
     }
 
 
@@ -237,6 +266,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--backend", choices=backends.BACKENDS, default="reference",
                         help="attention implementation: the reference (default, the ground truth), the Triton "
                              "kernels, or auto (the kernels where they run this model)")
+    parser.add_argument("--record-choice", action="store_true",
+                        help="NSA: also record per trial which layers and KV groups chose the needle's block at the "
+                             "answer token (one more forward pass per prompt)")
     parser.add_argument("--out", type=Path, help="write the JSON results here")
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError, load_pretrained
@@ -248,12 +280,14 @@ def cli(argv: list[str]) -> int:
         model.backend = args.backend
         _, attention = model.ops()
         haystack = load_haystack(args.haystack)
+        if args.record_choice and model.config.attention != "nsa":
+            raise ValueError("--record-choice needs an NSA checkpoint: a dense model chooses no blocks")
     except (ValueError, OSError, CheckpointError, backends.BackendError) as err:
         print(f"nsa-explorer niah: {err}", file=sys.stderr)
         return 2
     print(f"attention: {attention}", file=sys.stderr)
     results = sweep(model, haystack, lengths=lengths, depths=depths, trials=args.trials,
-                    seed=args.seed, batch_size=args.batch_size)
+                    seed=args.seed, batch_size=args.batch_size, record_choice=args.record_choice)
     results["attention_backend"] = attention
     print(format_grid(results))
     if args.out:

@@ -105,6 +105,48 @@ def test_sweep_of_a_real_model_writes_json_and_reports_progress(tmp_path):
     assert "| 150 |" in niah.format_grid(results)
 
 
+def test_needle_chosen_is_the_reference_selection_at_the_answer_token():
+    """Per layer and KV group, needle_chosen (from the trace) agrees with the reference top-n recomputed for the
+    prompt's last query, over the blocks that hold any of the needle sentence."""
+    from nsa_core import analysis
+
+    config = NSAConfig(d_model=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, v_head_dim=16, mlp_hidden=64,
+                       cmp_block=16, cmp_stride=8, slc_block=16, top_n=8, window=32, cmp_mlp_hidden=8)
+    model = NSALM(config).eval()
+    model.reset_parameters(seed=2)
+    seen = set()
+    for depth, key in ((0.2, "11111"), (0.5, "27182"), (0.8, "31415")):
+        prompt = niah.build_prompt(HAYSTACK, length=400, depth=depth, key=key)
+        needle = tokenizer.encode(data.NEEDLE.format(key=key))
+        first, last = prompt.needle_span
+        assert prompt.ids[first:last + 1] == needle
+        blocks = np.arange(first // 16, last // 16 + 1)
+        chosen = niah.needle_chosen(model, prompt)
+        assert chosen.shape == (2, 2) and chosen.dtype == bool
+        ids = torch.tensor([prompt.ids])
+        for layer in range(2):
+            selected = analysis.query_detail(model, ids, layer=layer, query=len(prompt.ids) - 1).selected
+            np.testing.assert_array_equal(chosen[layer], np.isin(selected, blocks).any(-1))
+        seen |= set(chosen.ravel().tolist())
+    assert seen == {True, False}  # the prompts above exercise both outcomes
+
+
+def test_a_sweep_records_which_groups_chose_the_needle_when_asked():
+    config = NSAConfig(d_model=32, n_layer=2, n_head=2, n_kv_head=1, head_dim=16, v_head_dim=16, mlp_hidden=64,
+                       cmp_block=16, cmp_stride=8, slc_block=16, top_n=3, window=32, cmp_mlp_hidden=8)
+    model = NSALM(config).eval()
+    plain = niah.sweep(model, HAYSTACK, lengths=[150], depths=[0.5], trials=3, progress=False)
+    assert "needle_chosen" not in plain["cells"][0]
+    recorded = niah.sweep(model, HAYSTACK, lengths=[150], depths=[0.5], trials=3, progress=False, record_choice=True)
+    cell = recorded["cells"][0]
+    assert cell["answers"] == plain["cells"][0]["answers"]
+    assert len(cell["needle_chosen"]) == 3 and all(np.array(c).shape == (2, 1) for c in cell["needle_chosen"])
+    assert json.loads(json.dumps(recorded))["cells"][0]["needle_chosen"] == cell["needle_chosen"]
+    with pytest.raises(ValueError, match="NSA"):
+        niah.sweep(NSALM(config.replace(attention="dense")), HAYSTACK, lengths=[150], depths=[0.5], trials=1,
+                   progress=False, record_choice=True)
+
+
 def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
     config = NSAConfig(d_model=32, n_layer=1, n_head=2, n_kv_head=1, head_dim=16, v_head_dim=16, mlp_hidden=64,
                        cmp_block=16, cmp_stride=8, slc_block=16, top_n=3, window=32, cmp_mlp_hidden=8,
@@ -125,6 +167,8 @@ def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
     assert "every depth must be in [0, 1]" in capsys.readouterr().err
     assert niah.cli([str(tmp_path / "missing"), "--device", "cpu"]) == 2
     assert "nsa-explorer niah" in capsys.readouterr().err
+    assert niah.cli([str(tmp_path / "ckpt"), "--device", "cpu", "--record-choice"]) == 2
+    assert "--record-choice needs an NSA checkpoint" in capsys.readouterr().err
     # The kernels need CUDA: asking for them on a CPU is a clear refusal, not a traceback.
     assert niah.cli([str(tmp_path / "ckpt"), "--device", "cpu", "--backend", "triton"]) == 2
     assert "CUDA" in capsys.readouterr().err

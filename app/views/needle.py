@@ -136,7 +136,7 @@ with one:
     key = data.random_key(np.random.default_rng([seed, length]))
     prompt = niah.build_prompt(haystack, length=length, depth=depth, key=key, offset=seed * 7919)
     ids = tuple(prompt.ids)
-    span = (prompt.needle_at, prompt.needle_at + len(data.NEEDLE.format(key=key)) - 1)
+    span = prompt.needle_span
     compare = other_rule is not None and st.checkbox(
         f"Also answer under the {other_rule} selection rule",
         value=True,
