@@ -224,6 +224,41 @@ def sweep(model: NSALM, haystack, *, lengths: Sequence[int], depths: Sequence[fl
     }
 
 
+def choice_rates(results: dict[str, Any]) -> dict[str, tuple[np.ndarray, int]] | None:
+    """For a sweep recorded with record_choice: per outcome ("found", "missed"), the share [L, H] of its trials
+    in which layer l's KV group h chose the needle's block at the answer token (NaN with no trial), and
+    its number of trials. None when the sweep did not record it.
+
+    A trial was found when its answer is its key: answers stop at <eos>, and with key length + 1 new
+    tokens a row without <eos> is one token longer than the key."""
+    cells = results["cells"]
+    if not cells or "needle_chosen" not in cells[0]:
+        return None
+    chosen = np.array([c for cell in cells for c in cell["needle_chosen"]], dtype=bool)  # [trials, L, H]
+    found = np.array([a == k for cell in cells for a, k in zip(cell["answers"], cell["keys"], strict=True)])
+    rates = {}
+    for outcome, rows in (("found", found), ("missed", ~found)):
+        n = int(rows.sum())
+        rate = chosen[rows].mean(0) if n else np.full(chosen.shape[1:], np.nan)
+        rates[outcome] = (rate, n)
+    return rates
+
+
+def format_choice(rates: dict[str, tuple[np.ndarray, int]]) -> str:
+    """Markdown table of choice_rates: one row per layer, per KV group the share of found and missed trials
+    in which it chose the needle's block."""
+    (found, n_found), (missed, n_missed) = rates["found"], rates["missed"]
+    groups = range(found.shape[1])
+    head = ("| layer | " + " | ".join(f"group {h}: found ({n_found}) / missed ({n_missed})" for h in groups) + " |")
+    rows = ["| " + str(layer) + " | " + " | ".join(f"{_percent(found[layer, h])} / {_percent(missed[layer, h])}"
+                                                    for h in groups) + " |" for layer in range(found.shape[0])]
+    return "\n".join([head, "|---|" + "---|" * len(groups), *rows])
+
+
+def _percent(share: float) -> str:
+    return "-" if np.isnan(share) else f"{share:.0%}"
+
+
 def format_grid(results: dict[str, Any]) -> str:
     """Markdown table: one row per context length, one column per depth, exact-match accuracy in %."""
     depths = results["depths"]
@@ -290,6 +325,8 @@ def cli(argv: list[str]) -> int:
                     seed=args.seed, batch_size=args.batch_size, record_choice=args.record_choice)
     results["attention_backend"] = attention
     print(format_grid(results))
+    if (rates := choice_rates(results)) is not None:
+        print("\nThe needle's block chosen at the answer token (share of trials):\n" + format_choice(rates))
     if args.out:
         print(f"wrote {write_results(results, args.out)}")
     return 0

@@ -142,9 +142,28 @@ def test_a_sweep_records_which_groups_chose_the_needle_when_asked():
     assert cell["answers"] == plain["cells"][0]["answers"]
     assert len(cell["needle_chosen"]) == 3 and all(np.array(c).shape == (2, 1) for c in cell["needle_chosen"])
     assert json.loads(json.dumps(recorded))["cells"][0]["needle_chosen"] == cell["needle_chosen"]
+    assert niah.choice_rates(plain) is None
     with pytest.raises(ValueError, match="NSA"):
         niah.sweep(NSALM(config.replace(attention="dense")), HAYSTACK, lengths=[150], depths=[0.5], trials=1,
                    progress=False, record_choice=True)
+
+
+def test_choice_rates_split_the_trials_by_outcome():
+    cells = [{"answers": ["12345", "9", "55555"], "keys": ["12345", "11111", "55555"],
+              "needle_chosen": [[[True, False]], [[True, True]], [[False, False]]]},
+             {"answers": ["2222"], "keys": ["22222"], "needle_chosen": [[[False, True]]]}]
+    rates = niah.choice_rates({"cells": cells})
+    found, n_found = rates["found"]
+    missed, n_missed = rates["missed"]
+    assert (n_found, n_missed) == (2, 2)
+    np.testing.assert_array_equal(found, [[0.5, 0.0]])
+    np.testing.assert_array_equal(missed, [[0.5, 1.0]])
+    table = niah.format_choice(rates).splitlines()
+    assert table[0] == "| layer | group 0: found (2) / missed (2) | group 1: found (2) / missed (2) |"
+    assert table[2] == "| 0 | 50% / 50% | 0% / 100% |"
+    all_found = niah.choice_rates({"cells": [dict(cells[0], answers=cells[0]["keys"])]})
+    assert all_found["missed"][1] == 0 and np.isnan(all_found["missed"][0]).all()
+    assert niah.format_choice(all_found).splitlines()[2] == "| 0 | 67% / - | 33% / - |"
 
 
 def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
@@ -172,6 +191,19 @@ def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
     # The kernels need CUDA: asking for them on a CPU is a clear refusal, not a traceback.
     assert niah.cli([str(tmp_path / "ckpt"), "--device", "cpu", "--backend", "triton"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_cli_records_and_prints_which_groups_chose_the_needle(tmp_path, capsys):
+    config = NSAConfig(d_model=32, n_layer=2, n_head=2, n_kv_head=1, head_dim=16, v_head_dim=16, mlp_hidden=64,
+                       cmp_block=16, cmp_stride=8, slc_block=16, top_n=3, window=32, cmp_mlp_hidden=8)
+    save_pretrained(NSALM(config), tmp_path / "ckpt")
+    (tmp_path / "hay.txt").write_text(HAYSTACK)
+    out = tmp_path / "res.json"
+    assert niah.cli([str(tmp_path / "ckpt"), "--haystack", str(tmp_path / "hay.txt"), "--lengths", "160",
+                     "--depths", "0.5", "--trials", "2", "--device", "cpu", "--record-choice", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "The needle's block chosen at the answer token" in printed and "| 1 |" in printed
+    assert np.array(json.loads(out.read_text())["cells"][0]["needle_chosen"]).shape == (2, 2, 1)
 
 
 def test_depths_from_a_count_or_a_list():
