@@ -752,6 +752,34 @@ def needle_selection(hit: np.ndarray, *, rank: np.ndarray | None = None, title: 
     return _layout(fig, title=title or "needle block chosen at the answer token", height=max(220, 80 + 46 * L))
 
 
+def needle_choice(rate: np.ndarray, *, trials: int, title: str) -> go.Figure:
+    """How often each layer's KV group chose the needle's block at the answer token, over `trials` trials of
+    one outcome of a sweep: rate [L, H] in [0, 1] (NaN when trials is 0)."""
+    rate = np.asarray(rate, np.float64)
+    L, H = rate.shape
+    text = np.where(np.isnan(rate), "no trials", np.char.add(np.char.mod("%.0f%%", np.nan_to_num(rate) * 100),
+                                                              f"<br>of {trials}"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=rate,
+            x=np.arange(H),
+            y=np.arange(L),
+            zmin=0,
+            zmax=1,
+            colorscale=SELECTION_SCALE,
+            showscale=False,
+            text=text,
+            texttemplate="%{text}",
+            xgap=2,
+            ygap=2,
+            hovertemplate="layer %{y} · KV head %{x}: %{text}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title_text="KV head", dtick=1)
+    fig.update_yaxes(title_text="layer", dtick=1, autorange="reversed")
+    return _layout(fig, title=title, height=max(220, 80 + 46 * L))
+
+
 def niah_grid(
     lengths: Sequence[int], depths: Sequence[float], score: np.ndarray, *, title: str, trials: np.ndarray | None = None
 ) -> go.Figure:

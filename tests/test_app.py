@@ -13,7 +13,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from app import cache, live_bench
-from nsa_core import checkpoint, launch, reference, safe_paths
+from nsa_core import checkpoint, launch, niah, reference, safe_paths
 from nsa_core.config import NSAConfig
 from nsa_core.model import NSALM
 
@@ -284,6 +284,13 @@ def test_a_needle_sweep_runs_with_progress_and_offers_its_results(at):
     assert list(results) == [cache.default_sample()]
     assert results[cache.default_sample()]["lengths"] == [256] and len(results[cache.default_sample()]["depths"]) == 2
     assert _chart(at, f"sweep_grid_{cache.default_sample()}")
+    # The NSA sample records which KV heads chose the needle's block, shown per outcome of its 2 trials.
+    cell_choices = [c["needle_chosen"] for c in results[cache.default_sample()]["cells"]]
+    assert [len(c) for c in cell_choices] == [1, 1]
+    rates = niah.choice_rates(results[cache.default_sample()])
+    assert rates["found"][1] + rates["missed"][1] == 2
+    assert {"found", "missed"} == {k.rsplit("_", 1)[1] for k in (c.key for c in at.get("plotly_chart"))
+                                   if k.startswith("choice_")}
 
 
 def test_the_gates_page_looks_near_a_phrase(at):

@@ -159,6 +159,12 @@ def test_needle_selection_shows_layers_top_down():
     ]
 
 
+def test_needle_choice_labels_each_cell_with_its_share_of_trials():
+    fig = figures.needle_choice(np.array([[0.625, 0.0], [1.0, np.nan]]), trials=8, title="found")
+    assert list(np.asarray(fig.data[0].text).ravel()) == ["62%<br>of 8", "0%<br>of 8", "100%<br>of 8", "no trials"]
+    assert fig.layout.yaxis.autorange == "reversed" and fig.layout.title.text == "found"
+
+
 # Payload budget ------------------------------------------------------------------------------------
 
 

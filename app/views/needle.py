@@ -122,6 +122,27 @@ def show_grids(results: dict[str, dict], key: str) -> None:
             )
 
 
+def show_choice(results: dict[str, dict]) -> None:
+    """For each sweep recorded with the choice (NSA): per layer and KV head, how often the needle's block was
+    chosen at the answer token, in the trials it found and in those it missed."""
+    for label, res in results.items():
+        rates = niah.choice_rates(res)
+        if rates is None:
+            continue
+        st.markdown(
+            f"**{label}: was the needle's block chosen at the answer token?** Layers and KV heads that choose it "
+            "more often when the key is found than when it is missed are the ones that retrieve it."
+        )
+        cols = st.columns(2)
+        for col, (outcome, (rate, n)) in zip(cols, rates.items(), strict=True):
+            with col:
+                widgets.chart(
+                    figures.needle_choice(rate, trials=n, title=f"trials {outcome} ({n})"),
+                    key=f"choice_{label}_{outcome}",
+                    name=f"needle-choice-{label}-{outcome}",
+                )
+
+
 one, sweep_tab = st.tabs(["One prompt", "Length × depth sweep"])
 with one:
     c1, c2, c3 = st.columns([2, 2, 1])
@@ -185,6 +206,13 @@ with sweep_tab:
         disabled=twin_source is None,
         key="sweep_twin",
     )
+    record = st.checkbox(
+        "Record which layers and KV heads chose the needle's block at the answer token",
+        value=config.attention == "nsa",
+        disabled=config.attention != "nsa",
+        key="sweep_choice",
+        help="One more forward pass per prompt of the NSA model, traced.",
+    )
     haystack = haystack_widget("sweep_haystack")
     depths = niah.even_depths(n_depths)
     if st.button("Run sweep", key="run_sweep", type="primary", disabled=not picked, icon=":material/grid_view:"):
@@ -211,6 +239,7 @@ with sweep_tab:
                 trials=trials,
                 seed=0,
                 progress=False,
+                record_choice=record and model.config.attention == "nsa",
                 callback=report,
             )
             done_before += len(picked) * len(depths)
@@ -219,4 +248,5 @@ with sweep_tab:
     results = st.session_state.get("_sweep")
     if results:
         show_grids(results, "sweep_grid")
+        show_choice(results)
         widgets.download_json("Download sweep results (JSON)", results, file_name="niah-sweep.json", key="dl_sweep")
