@@ -726,47 +726,33 @@ def needle_selection(hit: np.ndarray, *, rank: np.ndarray | None = None, title: 
     """Was the needle's block chosen at the answer? hit [L, H] (1 chosen, 0 not) per layer and KV head;
     rank [L, H] (optional): the block's rank in the importance scores (0 = best, -1: the group cast no vote)."""
     hit = np.asarray(hit, np.float32)
-    L, H = hit.shape
     text = np.where(hit > 0, "chosen", "missed")
     if rank is not None:
         rank = np.asarray(rank).astype(int)
         text = np.char.add(text, np.where(rank >= 0, np.char.add("<br>rank ", rank.astype(str)), "<br>no vote"))
-    fig = go.Figure(
-        go.Heatmap(
-            z=hit,
-            x=np.arange(H),
-            y=np.arange(L),
-            zmin=0,
-            zmax=1,
-            colorscale=NEEDLE_SCALE,
-            showscale=False,
-            text=text,
-            texttemplate="%{text}",
-            xgap=2,
-            ygap=2,
-            hovertemplate="layer %{y} · KV head %{x}: %{text}<extra></extra>",
-        )
-    )
-    fig.update_xaxes(title_text="KV head", dtick=1)
-    fig.update_yaxes(title_text="layer", dtick=1, autorange="reversed")
-    return _layout(fig, title=title or "needle block chosen at the answer token", height=max(220, 80 + 46 * L))
+    return _layer_head_map(hit, text, NEEDLE_SCALE, title=title or "needle block chosen at the answer token")
 
 
 def needle_choice(rate: np.ndarray, *, trials: int, title: str) -> go.Figure:
     """How often each layer's KV group chose the needle's block at the answer token, over `trials` trials of
     one outcome of a sweep: rate [L, H] in [0, 1] (NaN when trials is 0)."""
     rate = np.asarray(rate, np.float64)
-    L, H = rate.shape
     text = np.where(np.isnan(rate), "no trials", np.char.add(np.char.mod("%.0f%%", np.nan_to_num(rate) * 100),
                                                               f"<br>of {trials}"))
+    return _layer_head_map(rate, text, SELECTION_SCALE, title=title)
+
+
+def _layer_head_map(z: np.ndarray, text: np.ndarray, colorscale, *, title: str) -> go.Figure:
+    """z [L, H] in [0, 1] as labelled cells, layers top down and KV heads across."""
+    L, H = z.shape
     fig = go.Figure(
         go.Heatmap(
-            z=rate,
+            z=z,
             x=np.arange(H),
             y=np.arange(L),
             zmin=0,
             zmax=1,
-            colorscale=SELECTION_SCALE,
+            colorscale=colorscale,
             showscale=False,
             text=text,
             texttemplate="%{text}",
