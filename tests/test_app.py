@@ -289,8 +289,10 @@ def test_a_needle_sweep_runs_with_progress_and_offers_its_results(at):
     assert [len(c) for c in cell_choices] == [1, 1]
     rates = niah.choice_rates(results[cache.default_sample()])
     assert rates["found"][1] + rates["missed"][1] == 2
-    assert {"found", "missed"} == {k.rsplit("_", 1)[1] for k in (c.key for c in at.get("plotly_chart"))
-                                   if k.startswith("choice_")}
+    charted = {k.rsplit("_", 1)[1] for k in (c.key for c in at.get("plotly_chart")) if k.startswith("choice_")}
+    empty = {c.value.split()[-1].rstrip(".") for c in at.caption if c.value.startswith("No trial was")}
+    assert charted | empty == {"found", "missed"} and not charted & empty
+    assert empty == {outcome for outcome, (_, n) in rates.items() if n == 0}
 
 
 def test_the_gates_page_looks_near_a_phrase(at):

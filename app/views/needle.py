@@ -129,13 +129,18 @@ def show_choice(results: dict[str, dict]) -> None:
         rates = niah.choice_rates(res)
         if rates is None:
             continue
+        covered = config.top_n * config.slc_block
         st.markdown(
             f"**{label}: was the needle's block chosen at the answer token?** Layers and KV heads that choose it "
-            "more often when the key is found than when it is missed are the ones that retrieve it."
+            "more often when the key is found than when it is missed are the ones that retrieve it. Up to "
+            f"{covered:,} tokens (n = {config.top_n} blocks of {config.slc_block}) every block is chosen."
         )
         cols = st.columns(2)
         for col, (outcome, (rate, n)) in zip(cols, rates.items(), strict=True):
             with col:
+                if n == 0:
+                    st.caption(f"No trial was {outcome}.")
+                    continue
                 widgets.chart(
                     figures.needle_choice(rate, trials=n, title=f"trials {outcome} ({n})"),
                     key=f"choice_{label}_{outcome}",
