@@ -1,13 +1,20 @@
-"""sample_models/build_samples.py: the dense twin's recipe written from a finished NSA run."""
+"""sample_models/build_samples.py: the dense twin's recipe written from a finished NSA run, and every phase
+after training on a CPU."""
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from nsa_core import data, training
+from nsa_core.checkpoint import load_pretrained
 from nsa_core.training import RECIPE_FILE, Recipe
 
 SCRIPT = Path(__file__).resolve().parent.parent / "sample_models" / "build_samples.py"
+TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "head_dim": 16, "v_head_dim": 16,
+              "mlp_hidden": 64, "cmp_block": 16, "cmp_stride": 8, "slc_block": 16, "top_n": 3, "window": 32,
+              "cmp_mlp_hidden": 8}
 
 
 @pytest.fixture
@@ -48,3 +55,46 @@ def test_twin_refuses_a_global_batch_that_does_not_split(build_samples, tmp_path
     assert build_samples.main(["twin", "--work", str(tmp_path), "--world", "2"]) == 1
     assert "does not split over 2 processes" in capsys.readouterr().err
     assert not (tmp_path / "dense-tiny.recipe.json").exists()
+
+
+def test_every_phase_after_training_builds_the_shipped_folders(build_samples, tmp_path, monkeypatch):
+    """Base and long-context NSA runs, the twins from their recipes, serve, NIAH and cards, on a CPU with a
+    stand-in standard library: the packed folders load strictly and their cards describe both runs."""
+    stdlib = tmp_path / "stdlib"
+    stdlib.mkdir()
+    for i in range(12):
+        (stdlib / f"mod_{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n\n" * 40)
+    monkeypatch.setattr(data, "stdlib_root", lambda: stdlib)
+    work, out = tmp_path / "work", tmp_path / "out"
+    base = Recipe(name="nsa-tiny", model=TINY_MODEL, seq_len=256, batch_size=1, min_task_len=256, max_steps=3,
+                  warmup_steps=1, lr=1e-2, log_every=1, ckpt_every=2, eval_rows=2, heldout_fraction=0.5,
+                  save_dtype="float32")
+    training.train(base, work / "nsa-base", device="cpu", progress=False)
+    long = base.replace(init_from=str(work / "nsa-base"), trainable=[".attn."], seed=5)
+    training.train(long, work / "nsa-tiny", device="cpu", progress=False)
+    assert build_samples.main(["twin", "--work", str(work)]) == 0
+    for name in ("dense-base", "dense-tiny"):  # dense-tiny starts from dense-base's weights
+        training.train(Recipe.load(work / f"{name}.recipe.json"), work / name, device="cpu", progress=False)
+    assert build_samples.main(["serve", "--work", str(work), "--device", "cpu"]) == 0
+    for name in build_samples.NAMES:
+        assert build_samples.main(["niah", name, "--work", str(work), "--device", "cpu", "--lengths", "256",
+                                   "--depths", "2", "--trials", "2"]) == 0
+    assert build_samples.main(["cards", "--work", str(work), "--out", str(out)]) == 0
+
+    for name in build_samples.NAMES:
+        with tarfile.open(out / f"{name}.tar") as tar:
+            tar.extractall(tmp_path / "shipped", filter="data")
+        folder = tmp_path / "shipped" / name
+        assert sorted(p.name for p in folder.iterdir()) == sorted(build_samples.SHIPPED)
+        model = load_pretrained(folder)  # strict: every tensor matches the config
+        assert model.config.slc_scores == build_samples.SERVED_SCORES.get(name, "paper")
+        assert Recipe.load(folder / RECIPE_FILE).init_from == "base"
+        assert Recipe.load(folder / RECIPE_FILE).trainable == [".attn."]  # the twin froze the same weights
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["base"]["steps"] == 3 and metrics["niah_min_accuracy_per_length"].keys() == {"256"}
+        card = (folder / "README.md").read_text()
+        assert "Base run:" in card and "Long-context run:" in card and "--init-from base" in card
+        assert f"### {build_samples.NAMES[1 - build_samples.NAMES.index(name)]} (the twin" in card
+        assert f"Only the weights whose names contain `.attn.` train ({metrics['trained_parameters']:,}" in card
+        assert ("## Selection scores" in card) == (name in build_samples.SERVED_SCORES)
+    assert not (work / "nsa-tiny" / training.STATE_FILE).exists()
