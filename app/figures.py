@@ -21,6 +21,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from nsa_core.niah import depth_labels
+
 BRANCHES = ("cmp", "slc", "win")
 BRANCH_NAMES = {"cmp": "compressed", "slc": "selected", "win": "sliding window"}
 BRANCH_COLORS = {"cmp": "#4C78A8", "slc": "#F58518", "win": "#54A24B"}
@@ -777,6 +779,7 @@ def niah_grid(
     if score.shape != (len(depths), len(lengths)):
         raise ValueError(f"score must be [depths={len(depths)}, lengths={len(lengths)}], got {score.shape}")
     xs, ys = np.arange(len(lengths)), np.arange(len(depths))
+    labels = depth_labels(depths, percent=True)
     fig = go.Figure(
         go.Heatmap(
             z=score,
@@ -797,7 +800,7 @@ def niah_grid(
     text = np.array(
         [
             [
-                f"{lengths[j]} tokens · depth {depths[i]:.0%}<br>score "
+                f"{lengths[j]} tokens · depth {labels[i]}<br>score "
                 + ("—" if np.isnan(score[i, j]) else f"{score[i, j]:.0%}")
                 for j in xs
             ]
@@ -814,7 +817,8 @@ def niah_grid(
         range=[-0.5, len(lengths) - 0.5],
     )
     fig.update_yaxes(
-        tickvals=ys, ticktext=[f"{d:.0%}" for d in depths], title_text="needle depth", range=[len(depths) - 0.5, -0.5]
+        tickvals=ys, ticktext=labels, title_text="needle depth",
+        range=[len(depths) - 0.5, -0.5]
     )
     return _layout(_clickable(fig), title=title, height=max(260, 90 + 30 * len(depths)))
 

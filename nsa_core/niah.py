@@ -259,10 +259,22 @@ def _percent(share: float) -> str:
     return "-" if np.isnan(share) else f"{share:.0%}"
 
 
+def depth_labels(depths: Sequence[float], *, percent: bool = False) -> list[str]:
+    """Labels for depths with as few decimals as keep each within a tenth of its gap to the nearest other
+    depth: 0.11 for even_depths' 0.1111, but 0.110, 0.115, 0.120 side by side; percent: 11%, or 11.5%."""
+    values = np.asarray(depths, dtype=float)
+    gaps = np.array([np.delete(np.abs(values - v), i).min(initial=np.inf) for i, v in enumerate(values)])
+    for digits in range(6):
+        places = digits + 2  # decimals of the fraction the label shows
+        if (np.abs(np.round(values, places) - values) <= gaps / 10).all():
+            break
+    return [f"{d:.{digits}%}" if percent else f"{d:.{digits + 2}f}" for d in depths]
+
+
 def format_grid(results: dict[str, Any]) -> str:
     """Markdown table: one row per context length, one column per depth, exact-match accuracy in %."""
     depths = results["depths"]
-    lines = ["| length \\ depth | " + " | ".join(f"{d:.2f}" for d in depths) + " | min |",
+    lines = ["| length \\ depth | " + " | ".join(depth_labels(depths)) + " | min |",
              "|---" * (len(depths) + 2) + "|"]
     for length, row in zip(results["lengths"], results["accuracy"], strict=True):
         lines.append(f"| {length} | " + " | ".join(f"{100 * a:.0f}" for a in row) + f" | {100 * min(row):.0f} |")

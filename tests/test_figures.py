@@ -146,6 +146,9 @@ def test_niah_grid_keeps_unrun_cells_empty_and_is_clickable():
     assert list(fig.layout.xaxis.ticktext) == ["1k", "2k"]
     with pytest.raises(ValueError, match="depths"):
         figures.niah_grid([1024], [0.0, 1.0], np.zeros((1, 2)), title="t")
+    # Fine depths keep distinct labels: 11.5% is not shown as a second 12%.
+    fine = figures.niah_grid([16384], [0.11, 0.115, 0.12], np.ones((3, 1)), title="t")
+    assert list(fine.layout.yaxis.ticktext) == ["11.0%", "11.5%", "12.0%"]
 
 
 def test_needle_selection_shows_layers_top_down():

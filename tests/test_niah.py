@@ -206,6 +206,14 @@ def test_cli_records_and_prints_which_groups_chose_the_needle(tmp_path, capsys):
     assert np.array(json.loads(out.read_text())["cells"][0]["needle_chosen"]).shape == (2, 2, 1)
 
 
+def test_depth_labels_keep_fine_depths_apart():
+    assert niah.depth_labels(niah.even_depths(10))[:3] == ["0.00", "0.11", "0.22"]
+    assert niah.depth_labels([0.11, 0.115, 0.12]) == ["0.110", "0.115", "0.120"]
+    assert niah.depth_labels([0.0, 0.5, 1.0], percent=True) == ["0%", "50%", "100%"]
+    grid = niah.format_grid({"depths": [0.11, 0.115], "lengths": [16384], "accuracy": [[1.0, 0.5]]})
+    assert grid.splitlines()[0] == "| length \\ depth | 0.110 | 0.115 | min |"
+
+
 def test_depths_from_a_count_or_a_list():
     assert niah.parse_depths("3") == [0.0, 0.5, 1.0]
     assert niah.parse_depths("0.05, 0.1,0.115") == [0.05, 0.1, 0.115]
