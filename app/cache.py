@@ -407,12 +407,9 @@ def needle_selection(
     c = trace.config
     query = len(ids) - 1
     needle_blocks = np.arange(needle_span[0] // c.slc_block, needle_span[1] // c.slc_block + 1)
-    hit = np.zeros((c.n_layer, c.n_kv_head), dtype=bool)
     rank = np.zeros((c.n_layer, c.n_kv_head), dtype=np.int64)
     for layer in range(c.n_layer):
-        chosen = trace.layers[layer].block_idx[query]  # [H, n]
         detail = query_detail(source, device, dtype, ids, layer, query)
         for h in range(c.n_kv_head):
-            hit[layer, h] = np.isin(needle_blocks, chosen[h]).any()
             rank[layer, h] = detail.importance_rank(h, needle_blocks)
-    return hit, rank
+    return niah.chosen_at_answer(trace, needle_span), rank

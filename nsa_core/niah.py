@@ -34,6 +34,7 @@ import torch
 from . import backend as backends
 from . import data, tokenizer
 from .model import NSALM
+from .trace import ModelTrace
 
 HELDOUT = "heldout"
 
@@ -148,8 +149,14 @@ def needle_chosen(model: NSALM, prompt: NeedlePrompt) -> np.ndarray:
         raise ValueError("only an NSA model chooses blocks")
     with torch.no_grad():
         _, trace = model(torch.tensor([prompt.ids], device=model.device), trace=True)
-    first, last = prompt.needle_span
-    blocks = np.arange(first // model.config.slc_block, last // model.config.slc_block + 1)
+    return chosen_at_answer(trace, prompt.needle_span)
+
+
+def chosen_at_answer(trace: ModelTrace, span: tuple[int, int]) -> np.ndarray:
+    """[L, H] bool from a trace of a prompt: at its last query, did layer l's KV group h choose a block
+    holding any token of span (first, last)?"""
+    slc_block = trace.config.slc_block
+    blocks = np.arange(span[0] // slc_block, span[1] // slc_block + 1)
     return np.stack([np.isin(layer.block_idx[-1], blocks).any(-1) for layer in trace.layers])
 
 

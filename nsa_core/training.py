@@ -286,13 +286,17 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
 
     torch.manual_seed(recipe.seed)
     model = NSALM(recipe.config)
-    if recipe.init_from is not None and not resume:
-        model.load_state_dict(load_pretrained(recipe.init_from, dtype=torch.float32).state_dict())
+    # The init_from weights, read once: where a fresh run starts, and what init_decay pulls toward (also
+    # when resuming, whose weights come from the saved state).
+    start = (load_pretrained(recipe.init_from, dtype=torch.float32).state_dict()
+             if recipe.init_from is not None and (not resume or recipe.init_decay) else None)
+    if start is not None and not resume:
+        model.load_state_dict(start)
     else:
         model.reset_parameters(seed=recipe.seed)
     model.to(device).train()
     trained = _trained_parameters(model, recipe.trainable)  # before DDP, which hooks the trained ones only
-    anchors = _init_anchors(recipe, trained, device)
+    anchors = [(p, start[name].to(device)) for name, p in trained] if recipe.init_decay else []
     ops, path_name = attention_ops(recipe, device)
     loss_module = TrainingLoss(model, ops, recipe)
     step_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda"
@@ -601,15 +605,6 @@ def _trained_parameters(model: NSALM, trainable: list[str] | None) -> list[tuple
     for name, p in model.named_parameters():
         p.requires_grad_(_trains(trainable, name))
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def _init_anchors(recipe: Recipe, trained: list[tuple[str, nn.Parameter]],
-                  device: torch.device) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """(parameter, its init_from weights) for every trained parameter when the recipe decays toward them."""
-    if recipe.init_decay == 0:
-        return []
-    start = load_pretrained(recipe.init_from, dtype=torch.float32).state_dict()  # also when resuming
-    return [(p, start[name].to(device)) for name, p in trained]
 
 
 def _check_init_from(recipe: Recipe) -> None:

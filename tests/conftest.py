@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +39,12 @@ def import_script(monkeypatch):
         return module
 
     return load
+
+
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory) -> Path:
+    """A small stand-in standard library: repetitive code, so a few steps visibly lower the loss."""
+    root = tmp_path_factory.mktemp("stdlib")
+    for i in range(12):
+        (root / f"mod_{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n\n" * 40)
+    return root

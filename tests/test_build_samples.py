@@ -10,11 +10,9 @@ import pytest
 from nsa_core import data, training
 from nsa_core.checkpoint import load_pretrained
 from nsa_core.training import RECIPE_FILE, Recipe
+from tests.test_training import TINY_MODEL
 
 SCRIPT = Path(__file__).resolve().parent.parent / "sample_models" / "build_samples.py"
-TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "head_dim": 16, "v_head_dim": 16,
-              "mlp_hidden": 64, "cmp_block": 16, "cmp_stride": 8, "slc_block": 16, "top_n": 3, "window": 32,
-              "cmp_mlp_hidden": 8}
 
 
 @pytest.fixture
@@ -57,14 +55,10 @@ def test_twin_refuses_a_global_batch_that_does_not_split(build_samples, tmp_path
     assert not (tmp_path / "dense-tiny.recipe.json").exists()
 
 
-def test_every_phase_after_training_builds_the_shipped_folders(build_samples, tmp_path, monkeypatch):
+def test_every_phase_after_training_builds_the_shipped_folders(build_samples, tmp_path, monkeypatch, corpus_root):
     """Base and long-context NSA runs, the twins from their recipes, serve, NIAH and cards, on a CPU with a
     stand-in standard library: the packed folders load strictly and their cards describe both runs."""
-    stdlib = tmp_path / "stdlib"
-    stdlib.mkdir()
-    for i in range(12):
-        (stdlib / f"mod_{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n\n" * 40)
-    monkeypatch.setattr(data, "stdlib_root", lambda: stdlib)
+    monkeypatch.setattr(data, "stdlib_root", lambda: corpus_root)
     work, out = tmp_path / "work", tmp_path / "out"
     base = Recipe(name="nsa-tiny", model=TINY_MODEL, seq_len=256, batch_size=1, min_task_len=256, max_steps=3,
                   warmup_steps=1, lr=1e-2, log_every=1, ckpt_every=2, eval_rows=2, heldout_fraction=0.5,

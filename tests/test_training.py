@@ -26,15 +26,6 @@ def tiny_recipe(**changes) -> training.Recipe:
     return training.Recipe(**(base | changes))
 
 
-@pytest.fixture(scope="module")
-def corpus_root(tmp_path_factory) -> Path:
-    """A small stand-in standard library: repetitive code, so a few steps visibly lower the loss."""
-    root = tmp_path_factory.mktemp("stdlib")
-    for i in range(12):
-        (root / f"mod_{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n\n" * 40)
-    return root
-
-
 def test_recipe_round_trip_and_errors(tmp_path):
     recipe = tiny_recipe()
     path = tmp_path / "r.json"
