@@ -2,7 +2,10 @@
 
 Text: the Python standard library's own `.py` files (found through `sysconfig`), listed by relative
 path in sorted order and split into train and held-out files by a hash of that path, so the split
-does not depend on which other files a Python version ships.
+does not depend on which other files a Python version ships. What a folder holds still differs between
+installations: Debian and Ubuntu ship the standard library's tests, about two thirds of its source,
+in a separate package. `corpus_summary` says which text a run read, so runs on other corpora are
+not mistaken for the same experiment.
 
 Task: passkey retrieval. A needle sentence holding a 5-digit key is hidden in real text; a question
 at the end asks for it, then <sep>, and the answer is the key followed by <eos>. Multi-key variants
@@ -15,11 +18,13 @@ raises the longest task length in stages, so retrieval is learned at short range
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +96,43 @@ def stdlib_corpus(split: str, *, heldout_fraction: float = 0.05, max_bytes: int 
     if not files:
         raise ValueError(f"the {split} split of {root} is empty (heldout_fraction={heldout_fraction})")
     return read_corpus(files, max_bytes=max_bytes)
+
+
+def has_test_suite(root: str | Path) -> bool:
+    """Whether the standard library at root holds its own tests (`test/test_*.py`, hundreds in a full
+    installation; Debian and Ubuntu keep only a handful there and ship the rest as libpython3.X-testsuite)."""
+    return sum(1 for _ in (Path(root) / "test").glob("test_*.py")) >= 50
+
+
+def corpus_summary(root: str | Path | None = None, *, heldout_fraction: float = 0.05) -> dict[str, Any]:
+    """Which text a run reads: the folder, each split's files and tokens, whether the tests are there, and a
+    SHA-256 of every file's relative path and bytes in order (equal digests, equal data)."""
+    root = Path(root) if root is not None else stdlib_root()
+    files = stdlib_sources(root)
+    train, heldout = split_sources(files, root, heldout_fraction)
+    digest = hashlib.sha256()
+    tokens = {}
+    for split, members in (("train", train), ("heldout", heldout)):
+        total = 0
+        for f in members:
+            content = f.read_bytes()
+            digest.update(f.relative_to(root).as_posix().encode("utf-8") + b"\0" + content + b"\0")
+            total += len(content) + 2  # read_corpus joins files with a blank line
+        tokens[split] = total
+    return {"root": str(root), "train_files": len(train), "train_tokens": tokens["train"],
+            "heldout_files": len(heldout), "heldout_tokens": tokens["heldout"],
+            "test_suite": has_test_suite(root), "sha256": digest.hexdigest()}
+
+
+def describe_corpus(summary: dict[str, Any]) -> str:
+    """One sentence on a corpus_summary, for logs and model cards."""
+    said = (f"{summary['train_files']:,} training files ({summary['train_tokens'] / 1e6:.1f} MB) and "
+            f"{summary['heldout_files']:,} held-out files ({summary['heldout_tokens'] / 1e6:.1f} MB) of the standard "
+            f"library at `{summary['root']}` (SHA-256 {summary['sha256'][:12]})")
+    if not summary["test_suite"]:
+        said += (", without the library's own tests (Debian and Ubuntu ship them as libpython3.X-testsuite), so "
+                 "about a third of the text a full installation holds")
+    return said + "."
 
 
 def random_key(rng: np.random.Generator) -> str:

@@ -295,10 +295,11 @@ def write_results(results: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_haystack(spec: str, *, heldout_fraction: float = 0.05) -> np.ndarray:
-    """'heldout' -> the held-out standard-library files; anything else is a path to a text file."""
+def load_haystack(spec: str, *, heldout_fraction: float = 0.05, corpus_root: str | Path | None = None) -> np.ndarray:
+    """'heldout' -> the held-out files of the standard library at corpus_root (default: this Python's);
+    anything else is a path to a text file."""
     if spec == HELDOUT:
-        return data.stdlib_corpus("heldout", heldout_fraction=heldout_fraction).astype(np.int64)
+        return data.stdlib_corpus("heldout", heldout_fraction=heldout_fraction, root=corpus_root).astype(np.int64)
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"haystack file {path} does not exist (or pass '{HELDOUT}')")
@@ -313,6 +314,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="comma-separated context lengths")
     parser.add_argument("--depths", default="10",
                         help="a count of evenly spaced depths (10), or the depths themselves (0.05,0.1,0.15)")
+    parser.add_argument("--corpus-root", type=Path,
+                        help=f"standard-library folder whose held-out files make the '{HELDOUT}' haystack "
+                             "(default: this Python's; the shipped grids used one with its test package)")
     parser.add_argument("--trials", type=int, default=20, help="trials per cell")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="prompts per generate() call (default: all trials)")
@@ -333,7 +337,7 @@ def cli(argv: list[str]) -> int:
         model = load_pretrained(args.checkpoint, device=args.device, dtype=torch.float32)
         model.backend = args.backend
         _, attention = model.ops()
-        haystack = load_haystack(args.haystack)
+        haystack = load_haystack(args.haystack, corpus_root=args.corpus_root)
         if args.record_choice and model.config.attention != "nsa":
             raise ValueError("--record-choice needs an NSA checkpoint: a dense model chooses no blocks")
     except (ValueError, OSError, CheckpointError, backends.BackendError) as err:

@@ -322,6 +322,9 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         stage_starts = [int(x) for x in state["stage_starts"]]
 
     corpus = data.stdlib_corpus("train", heldout_fraction=recipe.heldout_fraction, root=corpus_root)
+    corpus_info = data.corpus_summary(corpus_root, heldout_fraction=recipe.heldout_fraction) if is_main else {}
+    if is_main:
+        print(f"{recipe.name}: text from {data.describe_corpus(corpus_info)}", file=sys.stderr, flush=True)
     mix = recipe.task_mix
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
     log = (out_dir / LOG_FILE).open("a", encoding="utf-8") if is_main else None
@@ -429,6 +432,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
             "attention_path": path_name if recipe.config.attention == "nsa" else "sdpa",
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "corpus": corpus_info,
             **heldout_metrics(model, eval_ids if eval_ids is not None else heldout_ids()),
         }
         shipped = _rounded(model, SAVE_DTYPES[recipe.save_dtype], keep=True)
@@ -490,9 +494,9 @@ def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah
         "",
         "## Data",
         "",
-        f"The Python {metrics.get('python', '')} standard library's own `.py` files (found through `sysconfig`, "
-        f"sorted by path; a file is held out when the CRC32 of its path falls in the lowest "
-        f"{recipe.heldout_fraction:.0%}), mixed with synthetic passkey retrieval: a 5-digit key hidden at a random "
+        f"The Python standard library's own `.py` files (sorted by path; a file is held out when the CRC32 of its "
+        f"path falls in the lowest {recipe.heldout_fraction:.0%}): {_corpus_said(metrics)} Mixed with synthetic "
+        f"passkey retrieval: a 5-digit key hidden at a random "
         f"depth of real text and asked for at the end (`{data.QUESTION}` then `<sep>`, the answer ends with `<eos>`), "
         f"{recipe.multi_key_prob:.0%} of tasks with 2-4 named keys"
         + (f", {recipe.start_needle_prob:.0%} of single-key tasks with the key right after `<bos>`"
@@ -512,6 +516,13 @@ def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah
         description += "\n\n" + niah_section.strip()
     flat = {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}
     return model_card(model, title=recipe.name, description=description, metrics=flat)
+
+
+def _corpus_said(metrics: dict[str, Any]) -> str:
+    """The card's sentence on the text a run read; runs from before corpus_summary name only the Python."""
+    if "corpus" in metrics:
+        return data.describe_corpus(metrics["corpus"])
+    return f"those of Python {metrics.get('python', '')}, found through `sysconfig`."
 
 
 def _task_summary(recipe: Recipe) -> str:

@@ -12,6 +12,10 @@
     python sample_models/build_samples.py niah NAME --work WORK [--device cuda:1]   # one per GPU, in parallel
     python sample_models/build_samples.py cards --work WORK --out OUT
 
+The text is the standard library of the Python that runs each phase, unless `--corpus-root` names
+another (train, serve and niah take it): the shipped runs read one with its test package, which
+Debian and Ubuntu leave out (docs/training.md). The cards say which text each run read.
+
 To rerun a shipped model exactly, use its own base_recipe.json and recipe.json (steps and stage
 starts fixed) with `--init-from` naming the base run's output.
 
@@ -141,7 +145,7 @@ def serve(args) -> int:
         model = trained.with_selection_scores(scores)
         metrics = json.loads((folder / "metrics.json").read_text())
         metrics["trained_scores_heldout_loss"] = metrics["heldout_loss_nats_per_byte"]
-        heldout = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction)
+        heldout = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction, root=args.corpus_root)
         # Evaluated as the training run's own final evaluation is: the stored weights in float32.
         metrics.update(training.evaluate_heldout(model.to(args.device, torch.float32), heldout,
                                                  seq_len=recipe.seq_len, rows=recipe.eval_rows))
@@ -171,7 +175,7 @@ def run_niah(args) -> int:
     folder = args.work / args.name
     recipe = training.Recipe.load(folder / training.RECIPE_FILE)
     model = load_pretrained(folder, device=args.device, dtype=torch.float32)
-    haystack = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction)
+    haystack = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction, root=args.corpus_root)
     depths = niah.even_depths(args.depths)
     parts, seconds = [], []
     for length in [int(x) for x in args.lengths.split(",")]:
@@ -254,10 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("twin", help="write WORK/dense-{base,tiny}.recipe.json from the finished NSA runs")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--world", type=int, default=1, help="processes the twin will train on")
-    p = sub.add_parser("serve", help="WORK's models as served (SERVED_SCORES), held-out loss measured again")
+    corpus = argparse.ArgumentParser(add_help=False)
+    corpus.add_argument("--corpus-root", type=Path,
+                        help="the standard-library folder the runs trained on (default: this Python's)")
+    p = sub.add_parser("serve", parents=[corpus],
+                       help="WORK's models as served (SERVED_SCORES), held-out loss measured again")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--device", default="cuda")
-    p = sub.add_parser("niah", help="the NIAH grid of WORK/NAME into WORK/NAME/niah.json")
+    p = sub.add_parser("niah", parents=[corpus], help="the NIAH grid of WORK/NAME into WORK/NAME/niah.json")
     p.add_argument("name", choices=NAMES)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--device", default="cuda")

@@ -43,6 +43,30 @@ def test_read_corpus_joins_files_with_blank_lines(tmp_path):
     assert bytes(corpus) == b"A\n\nB\n\n"
 
 
+def test_corpus_summary_counts_what_the_splits_read_and_tells_corpora_apart(tmp_path):
+    for i in range(40):
+        (tmp_path / f"mod_{i:02d}.py").write_text(f"x = {i}\n" * (i + 1))
+    summary = data.corpus_summary(tmp_path, heldout_fraction=0.3)
+    train, heldout = data.split_sources(data.stdlib_sources(tmp_path), tmp_path, 0.3)
+    assert (summary["train_files"], summary["heldout_files"]) == (len(train), len(heldout))
+    assert summary["train_tokens"] == len(data.stdlib_corpus("train", heldout_fraction=0.3, root=tmp_path))
+    assert summary["heldout_tokens"] == len(data.stdlib_corpus("heldout", heldout_fraction=0.3, root=tmp_path))
+    assert summary["root"] == str(tmp_path) and not summary["test_suite"]
+    assert "without the library's own tests" in data.describe_corpus(summary)
+    assert data.corpus_summary(tmp_path, heldout_fraction=0.3) == summary  # deterministic
+    # One changed byte, or the same bytes under another name, is another corpus.
+    (tmp_path / "mod_05.py").write_text("x = 6\n" * 6)
+    changed = data.corpus_summary(tmp_path, heldout_fraction=0.3)
+    assert changed["sha256"] != summary["sha256"] and changed["train_tokens"] == summary["train_tokens"]
+    (tmp_path / "mod_05.py").rename(tmp_path / "mod_05b.py")
+    assert data.corpus_summary(tmp_path, heldout_fraction=0.3)["sha256"] != changed["sha256"]
+    # A library with its tests (hundreds of test/test_*.py in a full installation) says so.
+    (tmp_path / "test").mkdir()
+    for i in range(50):
+        (tmp_path / "test" / f"test_m{i}.py").write_text("pass\n")
+    assert data.corpus_summary(tmp_path, heldout_fraction=0.3)["test_suite"]
+
+
 def test_single_key_task_marks_exactly_the_answer():
     hay = tokenizer.encode("0123456789" * 20)
     task = data.single_key_task(hay, "31415", 0.5)

@@ -182,6 +182,15 @@ def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
     assert niah.cli([str(tmp_path / "ckpt"), "--haystack", str(tmp_path / "hay.txt"), "--lengths", "160",
                      "--depths", "0.25,0.75", "--trials", "1", "--device", "cpu", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["depths"] == [0.25, 0.75]
+    # The held-out haystack of another standard-library folder.
+    stdlib = tmp_path / "stdlib"
+    stdlib.mkdir()
+    for i in range(40):
+        (stdlib / f"mod_{i:02d}.py").write_text(HAYSTACK)
+    assert niah.cli([str(tmp_path / "ckpt"), "--corpus-root", str(stdlib), "--lengths", "160", "--depths", "1",
+                     "--trials", "1", "--device", "cpu"]) == 0
+    assert len(niah.load_haystack(niah.HELDOUT, corpus_root=stdlib)) == len(
+        data.stdlib_corpus("heldout", root=stdlib))
     assert niah.cli([str(tmp_path / "ckpt"), "--depths", "0.5,2", "--device", "cpu"]) == 2
     assert "every depth must be in [0, 1]" in capsys.readouterr().err
     assert niah.cli([str(tmp_path / "missing"), "--device", "cpu"]) == 2

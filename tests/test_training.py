@@ -143,6 +143,10 @@ def test_a_few_cpu_steps_lower_the_heldout_loss(tmp_path, corpus_root):
     result = training.train(recipe, tmp_path / "run", device="cpu", progress=False, corpus_root=corpus_root)
     after = result.metrics["heldout_loss_nats_per_byte"]
     assert after < before["heldout_loss_nats_per_byte"] - 0.5
+    # The metrics and the card say which text the run read.
+    assert result.metrics["corpus"] == data.corpus_summary(corpus_root, heldout_fraction=0.5)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert data.describe_corpus(result.metrics["corpus"]) in card
     log = [json.loads(line) for line in (tmp_path / "run" / training.LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and log[-1]["tokens"] == 5 * 256
     # The checkpoint written next to the recipe loads strictly and gives the evaluated weights.
