@@ -310,10 +310,17 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     start_step, max_steps, tokens, elapsed_before, earned_stage = 0, recipe.max_steps, 0, 0.0, 0
     stage_starts: list[int] = []  # the step each stage after the first began in this run
     state_path = out_dir / STATE_FILE
+    corpus_info = data.corpus_summary(corpus_root, heldout_fraction=recipe.heldout_fraction)
+    if is_main:
+        print(f"{recipe.name}: text from {data.describe_corpus(corpus_info)}", file=sys.stderr, flush=True)
     if resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out_dir}")
         state = torch.load(state_path, map_location=device, weights_only=True)
+        if state.get("corpus_sha256", corpus_info["sha256"]) != corpus_info["sha256"]:
+            raise ValueError(f"--resume: the run began on other text than {corpus_info['root']} holds now (SHA-256 "
+                             f"{state['corpus_sha256'][:12]}, here {corpus_info['sha256'][:12]}); pass the "
+                             "--corpus-root it began with")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, max_steps = int(state["step"]), int(state["max_steps"])
@@ -322,9 +329,6 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         stage_starts = [int(x) for x in state["stage_starts"]]
 
     corpus = data.stdlib_corpus("train", heldout_fraction=recipe.heldout_fraction, root=corpus_root)
-    corpus_info = data.corpus_summary(corpus_root, heldout_fraction=recipe.heldout_fraction) if is_main else {}
-    if is_main:
-        print(f"{recipe.name}: text from {data.describe_corpus(corpus_info)}", file=sys.stderr, flush=True)
     mix = recipe.task_mix
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
     log = (out_dir / LOG_FILE).open("a", encoding="utf-8") if is_main else None
@@ -393,7 +397,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
             bar.update(1)
         if step % recipe.ckpt_every == 0 and is_main:
             elapsed = elapsed_before + time.perf_counter() - t0
-            _save_state(state_path, model, optimizer, step, max_steps, tokens, elapsed, earned_stage, stage_starts)
+            _save_state(state_path, model, optimizer, step, max_steps, tokens, elapsed, earned_stage, stage_starts,
+                        corpus_info["sha256"])
         if eval_ids is not None and step % recipe.eval_every == 0 and step < max_steps:
             # Rank 0 alone: the others wait for it at the next step's gradient all-reduce.
             loss_now = heldout_loss(model.eval(), eval_ids)
@@ -408,7 +413,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         log.close()
     final = recipe.replace(max_steps=max_steps, time_budget_s=None, stage_starts=stage_starts)
     if is_main:
-        _save_state(state_path, model, optimizer, step, max_steps, tokens, train_seconds, earned_stage, stage_starts)
+        _save_state(state_path, model, optimizer, step, max_steps, tokens, train_seconds, earned_stage, stage_starts,
+                    corpus_info["sha256"])
         (out_dir / RECIPE_FILE).write_text(final.to_json(), encoding="utf-8")
     if step < max_steps:  # stopped on request: the state is saved and --resume finishes the run
         return TrainResult(model.eval(), {}, final, out_dir)
@@ -664,11 +670,12 @@ def _rounded(model: NSALM, dtype: torch.dtype, keep: bool = False) -> NSALM:
     return copy.to(dtype) if keep else copy
 
 
-def _save_state(path: Path, model, optimizer, step, max_steps, tokens, elapsed, stage, stage_starts) -> None:
+def _save_state(path: Path, model, optimizer, step, max_steps, tokens, elapsed, stage, stage_starts,
+                corpus_sha256: str) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "max_steps": max_steps, "tokens": tokens, "elapsed_s": elapsed, "stage": stage,
-                "stage_starts": torch.tensor(stage_starts, dtype=torch.long)}, tmp)
+                "stage_starts": torch.tensor(stage_starts, dtype=torch.long), "corpus_sha256": corpus_sha256}, tmp)
     os.replace(tmp, path)
 
 

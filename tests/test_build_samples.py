@@ -2,6 +2,7 @@
 after training on a CPU."""
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def test_twin_refuses_a_global_batch_that_does_not_split(build_samples, tmp_path
     assert not (tmp_path / "dense-tiny.recipe.json").exists()
 
 
-def test_every_phase_after_training_builds_the_shipped_folders(build_samples, tmp_path, monkeypatch, corpus_root):
+def test_every_phase_after_training_builds_the_shipped_folders(build_samples, tmp_path, monkeypatch, corpus_root,
+                                                               capsys):
     """Base and long-context NSA runs, the twins from their recipes, serve, NIAH and cards, on a CPU with a
     stand-in standard library: the packed folders load strictly and their cards describe both runs."""
     monkeypatch.setattr(data, "stdlib_root", lambda: corpus_root)
@@ -69,6 +71,14 @@ def test_every_phase_after_training_builds_the_shipped_folders(build_samples, tm
     assert build_samples.main(["twin", "--work", str(work)]) == 0
     for name in ("dense-base", "dense-tiny"):  # dense-tiny starts from dense-base's weights
         training.train(Recipe.load(work / f"{name}.recipe.json"), work / name, device="cpu", progress=False)
+    # A phase on other text than the runs read is refused: the cards measure on the runs' own held-out files.
+    other = tmp_path / "other-stdlib"
+    shutil.copytree(corpus_root, other)
+    (other / "mod_00.py").write_text("y = 2\n" * 30)
+    assert build_samples.main(["serve", "--work", str(work), "--device", "cpu", "--corpus-root", str(other)]) == 1
+    assert build_samples.main(["niah", "dense-tiny", "--work", str(work), "--device", "cpu",
+                               "--corpus-root", str(other)]) == 1
+    assert "Pass the run's --corpus-root" in capsys.readouterr().err
     assert build_samples.main(["serve", "--work", str(work), "--device", "cpu"]) == 0
     for name in build_samples.NAMES:
         assert build_samples.main(["niah", name, "--work", str(work), "--device", "cpu", "--lengths", "256",

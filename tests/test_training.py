@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,13 @@ def test_a_time_limit_leaves_with_the_state_saved(tmp_path, corpus_root):
     assert part.metrics == {} and not (tmp_path / "run" / "model.safetensors").exists()
     state = torch.load(tmp_path / "run" / training.STATE_FILE, weights_only=True)
     assert state["step"] == 0 and state["stage"] == 0
+    # Resuming on other text would silently change the run's data: refused.
+    other = tmp_path / "other-stdlib"
+    shutil.copytree(corpus_root, other)
+    (other / "mod_00.py").write_text("x = 1\n" * 50)
+    with pytest.raises(ValueError, match="--resume: the run began on other text"):
+        training.train(tiny_recipe(max_steps=4), tmp_path / "run", device="cpu", progress=False,
+                       corpus_root=other, resume=True)
     done = training.train(tiny_recipe(max_steps=4), tmp_path / "run", device="cpu", progress=False,
                           corpus_root=corpus_root, resume=True)
     assert done.metrics["steps"] == 4
