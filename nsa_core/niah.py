@@ -347,6 +347,9 @@ def cli(argv: list[str]) -> int:
     results = sweep(model, haystack, lengths=lengths, depths=depths, trials=args.trials,
                     seed=args.seed, batch_size=args.batch_size, record_choice=args.record_choice)
     results["attention_backend"] = attention
+    # Which text the needles were hidden in, so that grids on other haystacks are not compared as equal.
+    results["haystack"] = (data.corpus_summary(args.corpus_root) if args.haystack == HELDOUT
+                           else {"file": str(Path(args.haystack).resolve())})
     print(format_grid(results))
     if (rates := choice_rates(results)) is not None:
         print("\nThe needle's block chosen at the answer token (share of trials):\n" + format_choice(rates))

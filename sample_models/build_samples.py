@@ -194,6 +194,7 @@ def run_niah(args) -> int:
         return 1
     model = load_pretrained(folder, device=args.device, dtype=torch.float32)
     haystack = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction, root=args.corpus_root)
+    text = data.corpus_summary(args.corpus_root, heldout_fraction=recipe.heldout_fraction)
     depths = niah.even_depths(args.depths)
     parts, seconds = [], []
     for length in [int(x) for x in args.lengths.split(",")]:
@@ -210,7 +211,8 @@ def run_niah(args) -> int:
         parts.append(part)
         print(f"{args.name} NIAH {length}: min {min(part['accuracy'][0]):.2f} mean "
               f"{sum(part['accuracy'][0]) / len(depths):.2f} ({seconds[-1]:.1f} s)", flush=True)
-        niah.write_results(merge_sweeps(parts), folder / "niah.json")  # what is done so far survives a cut
+        # What is done so far survives a cut.
+        niah.write_results(merge_sweeps(parts) | {"haystack": text}, folder / "niah.json")
     return 0
 
 

@@ -95,6 +95,8 @@ def test_every_phase_after_training_builds_the_shipped_folders(build_samples, tm
         assert Recipe.load(folder / RECIPE_FILE).init_from == "base"
         assert Recipe.load(folder / RECIPE_FILE).trainable == [".attn."]  # the twin froze the same weights
         metrics = json.loads((folder / "metrics.json").read_text())
+        # The grid's haystacks are the held-out files of the text the runs trained on.
+        assert json.loads((folder / "niah.json").read_text())["haystack"] == metrics["corpus"]
         assert metrics["base"]["steps"] == 3 and metrics["niah_min_accuracy_per_length"].keys() == {"256"}
         card = (folder / "README.md").read_text()
         assert "Base run:" in card and "Long-context run:" in card and "--init-from base" in card

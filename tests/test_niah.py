@@ -179,6 +179,7 @@ def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["attention"] == "dense" and results["trials"] == 2 and len(results["cells"]) == 2
     assert results["attention_backend"].startswith("reference")
+    assert results["haystack"] == {"file": str((tmp_path / "hay.txt").resolve())}
     assert niah.cli([str(tmp_path / "ckpt"), "--haystack", str(tmp_path / "hay.txt"), "--lengths", "160",
                      "--depths", "0.25,0.75", "--trials", "1", "--device", "cpu", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["depths"] == [0.25, 0.75]
@@ -188,7 +189,8 @@ def test_cli_runs_a_checkpoint_on_a_users_text(tmp_path, capsys):
     for i in range(40):
         (stdlib / f"mod_{i:02d}.py").write_text(HAYSTACK)
     assert niah.cli([str(tmp_path / "ckpt"), "--corpus-root", str(stdlib), "--lengths", "160", "--depths", "1",
-                     "--trials", "1", "--device", "cpu"]) == 0
+                     "--trials", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["haystack"] == data.corpus_summary(stdlib)  # the results say which text
     assert len(niah.load_haystack(niah.HELDOUT, corpus_root=stdlib)) == len(
         data.stdlib_corpus("heldout", root=stdlib))
     assert niah.cli([str(tmp_path / "ckpt"), "--depths", "0.5,2", "--device", "cpu"]) == 2
