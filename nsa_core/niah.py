@@ -9,6 +9,7 @@
         [--depths 0.05,0.1,0.15]    # the depths themselves instead of a count
         [--backend reference|triton|auto]    # the Triton kernels answer faster on a GPU
         [--record-choice]    # NSA: per trial, which layers and KV groups chose the needle's block
+        [--corpus-root DIR]    # the 'heldout' haystack from another standard-library folder
 
 A prompt is <bos>, then haystack tokens with the needle sentence (`data.NEEDLE`) on its own line at a
 depth in [0, 1] of the haystack, then the question (`data.QUESTION`) and <sep>: exactly `length`

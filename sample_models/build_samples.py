@@ -144,7 +144,8 @@ def serve(args) -> int:
         trained = load_pretrained(folder)  # stored dtype
         model = trained.with_selection_scores(scores)
         metrics = json.loads((folder / "metrics.json").read_text())
-        if error := other_text(metrics, recipe, args.corpus_root):
+        text = data.corpus_summary(args.corpus_root, heldout_fraction=recipe.heldout_fraction)
+        if error := other_text(metrics, text):
             print(f"{name}: {error}", file=sys.stderr)
             return 1
         metrics["trained_scores_heldout_loss"] = metrics["heldout_loss_nats_per_byte"]
@@ -158,13 +159,10 @@ def serve(args) -> int:
     return 0
 
 
-def other_text(metrics: dict, recipe: training.Recipe, corpus_root: Path | None) -> str:
-    """Why corpus_root's held-out files are not the ones the run recorded, or "" when they are (or it recorded
-    none): a card's loss and grids are measured on the run's own held-out files."""
-    if "corpus" not in metrics:
-        return ""
-    here = data.corpus_summary(corpus_root, heldout_fraction=recipe.heldout_fraction)
-    if here["sha256"] == metrics["corpus"]["sha256"]:
+def other_text(metrics: dict, here: dict) -> str:
+    """Why the text `here` (data.corpus_summary) is not the one the run recorded, or "" when it is (or the run
+    recorded none): a card's loss and grids are measured on the run's own held-out files."""
+    if "corpus" not in metrics or here["sha256"] == metrics["corpus"]["sha256"]:
         return ""
     return (f"the run read {data.describe_corpus(metrics['corpus'])} This phase would read "
             f"{data.describe_corpus(here)} Pass the run's --corpus-root.")
@@ -189,12 +187,12 @@ def run_niah(args) -> int:
     t_start = time.perf_counter()
     folder = args.work / args.name
     recipe = training.Recipe.load(folder / training.RECIPE_FILE)
-    if error := other_text(json.loads((folder / "metrics.json").read_text()), recipe, args.corpus_root):
+    text = data.corpus_summary(args.corpus_root, heldout_fraction=recipe.heldout_fraction)
+    if error := other_text(json.loads((folder / "metrics.json").read_text()), text):
         print(f"{args.name}: {error}", file=sys.stderr)
         return 1
     model = load_pretrained(folder, device=args.device, dtype=torch.float32)
     haystack = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction, root=args.corpus_root)
-    text = data.corpus_summary(args.corpus_root, heldout_fraction=recipe.heldout_fraction)
     depths = niah.even_depths(args.depths)
     parts, seconds = [], []
     for length in [int(x) for x in args.lengths.split(",")]:
