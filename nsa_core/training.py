@@ -17,8 +17,9 @@ A time budget turns into a step count once: after `calibrate_steps` timed steps 
 max_steps so the rest fits, before warm-up ends, so the learning-rate schedule is the one a rerun
 with that max_steps and no budget would follow. The recipe written next to the checkpoint records it.
 
-DIR receives: recipe.json, train_log.jsonl (one line per logged step, and one per held-out evaluation
-with `eval_every`), train_state.pt (model, optimizer and step, for --resume; tensors only, loaded with
+DIR receives: recipe.json, train_log.jsonl (one line per logged step, one per held-out evaluation with
+`eval_every`, and one per curriculum stage begun after a logged step, with the answer accuracy the run
+had reached before it), train_state.pt (model, optimizer and step, for --resume; tensors only, loaded with
 weights_only=True) and, at the end, the checkpoint files (config.json, model.safetensors, README.md,
 metrics.json).
 """
@@ -337,6 +338,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
     step_times: list[float] = []
     t0 = time.perf_counter()
     gate_history: list[float] = []
+    recent_acc: list[float] = []  # answer accuracy (all processes) of the last GATE_LOGS logged steps of this stage
     def heldout_ids() -> torch.Tensor:  # the held-out rows of the periodic and the final evaluation
         corpus = data.stdlib_corpus("heldout", heldout_fraction=recipe.heldout_fraction, root=corpus_root)
         return data.heldout_rows(corpus, seq_len=recipe.seq_len, rows=recipe.eval_rows)
@@ -351,6 +353,13 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
             stage = mix.stage_at(step / max_steps, earned_stage)
         else:
             stage = min(bisect.bisect_right(recipe.stage_starts, step), len(mix.stage_lengths) - 1)
+        if stage > len(stage_starts) and recent_acc and log is not None:
+            # How ready the run was for the harder tasks: a replayed stage_starts moves on whether or not this
+            # run has learned the earlier stages (another text or process layout changes when a run learns).
+            log.write(json.dumps({"step": step, "stage_began": stage, "max_task_len": mix.max_task_len(stage),
+                                  "answer_acc_before": round(sum(recent_acc) / len(recent_acc), 4)}) + "\n")
+        if stage > len(stage_starts):
+            recent_acc.clear()
         stage_starts += [step] * (stage - len(stage_starts))
         inputs, targets, answer = data.training_batch(corpus, mix, batch_size=recipe.batch_size, stage=stage,
                                                       seed=recipe.seed, rank=rank, step=step)
@@ -380,8 +389,9 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
                 bar.total = max_steps
                 bar.refresh()
         if step % recipe.log_every == 0 or step == max_steps:
+            global_acc = _mean_over_ranks(answer_acc.detach(), world)
+            recent_acc[:] = (recent_acc + [global_acc])[-GATE_LOGS:]
             if recipe.stage_starts is None:
-                global_acc = _mean_over_ranks(answer_acc.detach(), world)
                 earned_stage = _gate(recipe.curriculum_gate, gate_history, global_acc, stage, earned_stage)
             record = {"step": step, "loss": round(loss.item(), 4), "text_loss": round(text_loss.item(), 4),
                       "answer_acc": round(answer_acc.item(), 4), "lr": lr, "grad_norm": round(grad_norm.item(), 4),

@@ -156,13 +156,30 @@ def test_a_few_cpu_steps_lower_the_heldout_loss(tmp_path, corpus_root):
     card = (tmp_path / "run" / "README.md").read_text()
     assert data.describe_corpus(result.metrics["corpus"]) in card
     log = [json.loads(line) for line in (tmp_path / "run" / training.LOG_FILE).read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and log[-1]["tokens"] == 5 * 256
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5] and steps[-1]["tokens"] == 5 * 256
     # The checkpoint written next to the recipe loads strictly and gives the evaluated weights.
     loaded = load_pretrained(tmp_path / "run")
     assert torch.equal(loaded.lm_head.weight, result.model.lm_head.weight)
     # The recipe written back records when each curriculum stage began, so a rerun sees the same data.
     written = training.Recipe.load(tmp_path / "run" / training.RECIPE_FILE)
     assert written == recipe.replace(stage_starts=written.stage_starts) and written.stage_starts == [1]
+
+
+def test_each_stage_begun_logs_the_answer_accuracy_reached_before_it(tmp_path, corpus_root):
+    # A replayed curriculum moves on at its recorded steps whatever this run has learned; the log says how far
+    # it had got, from the logged steps of the stage it leaves.
+    training.train(tiny_recipe(max_steps=4, stage_starts=[3]), tmp_path / "late", device="cpu", progress=False,
+                   corpus_root=corpus_root)
+    log = [json.loads(line) for line in (tmp_path / "late" / training.LOG_FILE).read_text().splitlines()]
+    began = [r for r in log if "stage_began" in r]
+    assert [(r["step"], r["stage_began"], r["max_task_len"]) for r in began] == [(3, 1, 257)]
+    before = [r["answer_acc"] for r in log if "loss" in r and r["step"] <= 3]
+    assert began[0]["answer_acc_before"] == pytest.approx(sum(before) / 3, abs=1e-4)
+    # A stage begun before any step was logged (a long-context run from step 0) has nothing to report.
+    training.train(tiny_recipe(max_steps=2, stage_starts=[0]), tmp_path / "now", device="cpu", progress=False,
+                   corpus_root=corpus_root)
+    assert "stage_began" not in (tmp_path / "now" / training.LOG_FILE).read_text()
 
 
 def test_periodic_heldout_loss_is_logged_for_the_weights_of_that_step(tmp_path, corpus_root):
@@ -310,7 +327,7 @@ def _flex_inputs(device, requires_grad, slc_scores="paper"):
 
     config = NSAConfig(n_head=4, n_kv_head=2, head_dim=16, v_head_dim=16, cmp_block=16, cmp_stride=8, slc_block=32,
                        top_n=4, window=48, slc_scores=slc_scores)
-    B, T, Tc = 1, 160, (160 - 16) // 8 + 1
+    B, T, Tc = 2, 160, (160 - 16) // 8 + 1  # rows of a batch select their blocks apart
     shapes = [(B, T, 4, 16), (B, T, 2, 16), (B, T, 2, 16), (B, Tc, 2, 16), (B, Tc, 2, 16)]
     inputs = [torch.randn(s, device=device, requires_grad=requires_grad) for s in shapes]
     inputs.append(torch.rand(B, T, 4, 3, device=device, requires_grad=requires_grad))
