@@ -16,8 +16,10 @@ The text is the standard library of the Python that runs each phase, unless `--c
 another (train, serve and niah take it): the shipped runs read one with its test package, which
 Debian and Ubuntu leave out (docs/training.md). The cards say which text each run read.
 
-To rerun a shipped model exactly, use its own base_recipe.json and recipe.json (steps and stage
-starts fixed) with `--init-from` naming the base run's output.
+To rerun a shipped model, use its own base_recipe.json and recipe.json (steps fixed) with `--init-from`
+naming the base run's output. The base recipe's recorded stage starts replay the same rows only on the
+same text and process layout; elsewhere set them to null, so that the NSA base moves on when it has
+learned each stage (docs/training.md), and let `twin` give the dense base the starts it recorded.
 
 Each dense twin's recipe is the matching NSA run's final recipe with the attention switched: the same
 steps, the same frozen weights (`trainable`) and, through the recorded `stage_starts`, exactly the same
