@@ -353,12 +353,12 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
             stage = mix.stage_at(step / max_steps, earned_stage)
         else:
             stage = min(bisect.bisect_right(recipe.stage_starts, step), len(mix.stage_lengths) - 1)
-        if stage > len(stage_starts) and recent_acc and log is not None:
-            # How ready the run was for the harder tasks: a replayed stage_starts moves on whether or not this
-            # run has learned the earlier stages (another text or process layout changes when a run learns).
-            log.write(json.dumps({"step": step, "stage_began": stage, "max_task_len": mix.max_task_len(stage),
-                                  "answer_acc_before": round(sum(recent_acc) / len(recent_acc), 4)}) + "\n")
         if stage > len(stage_starts):
+            if recent_acc and log is not None:
+                # How ready the run was for harder tasks: a replayed stage_starts moves on whether or not this
+                # run has learned the earlier stages (another text or process layout changes when a run learns).
+                log.write(json.dumps({"step": step, "stage_began": stage, "max_task_len": mix.max_task_len(stage),
+                                      "answer_acc_before": round(sum(recent_acc) / len(recent_acc), 4)}) + "\n")
             recent_acc.clear()
         stage_starts += [step] * (stage - len(stage_starts))
         inputs, targets, answer = data.training_batch(corpus, mix, batch_size=recipe.batch_size, stage=stage,
