@@ -449,6 +449,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
             "torch": torch.__version__,
             "python": platform.python_version(),
             "corpus": corpus_info,
+            "curriculum": _curriculum_kind(recipe),
             **heldout_metrics(model, eval_ids if eval_ids is not None else heldout_ids()),
         }
         shipped = _rounded(model, SAVE_DTYPES[recipe.save_dtype], keep=True)
@@ -491,7 +492,7 @@ def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah
     """
     is_nsa = recipe.config.attention == "nsa"
     kind = "Native Sparse Attention" if is_nsa else "dense causal attention (the NSA twin's control)"
-    command = command or f"nsa-explorer train {RECIPE_FILE} --out <dir>"
+    command = command or train_command(RECIPE_FILE, metrics, "<dir>")
     how = ("trained from scratch by `nsa-explorer train`." if base is None else
            "trained by `nsa-explorer train` in two runs: a base run from scratch, then a long-context run "
            "starting from its weights with a fresh optimizer.")
@@ -499,7 +500,8 @@ def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah
     if base is not None:
         base_recipe, base_metrics, base_command = base
         runs = [
-            f"Base run: `{base_command}` (`{BASE_RECIPE_FILE}` in this folder). {_task_summary(base_recipe)} "
+            f"Base run: `{base_command}` (`{BASE_RECIPE_FILE}` in this folder). "
+            f"{_task_summary(base_recipe, base_metrics)} "
             f"{_run_summary(base_recipe, base_metrics)} Held-out loss after it: "
             f"{base_metrics.get('heldout_loss_nats_per_byte')} nats per byte.",
             "",
@@ -517,7 +519,7 @@ def training_card(model: NSALM, recipe: Recipe, metrics: dict[str, Any], *, niah
         f"{recipe.multi_key_prob:.0%} of tasks with 2-4 named keys"
         + (f", {recipe.start_needle_prob:.0%} of single-key tasks with the key right after `<bos>`"
            if recipe.start_needle_prob else "")
-        + f". {_task_summary(recipe)}",
+        + f". {_task_summary(recipe, metrics)}",
         "",
         "## Training",
         "",
@@ -541,18 +543,40 @@ def _corpus_said(metrics: dict[str, Any]) -> str:
     return f"those of Python {metrics.get('python', '')}, found through `sysconfig`."
 
 
-def _task_summary(recipe: Recipe) -> str:
-    """How a run's rows were filled with tasks: the curriculum, or full length from the first step."""
+def train_command(recipe_file: str, metrics: dict[str, Any], out: str) -> str:
+    """The command that reruns a recorded run: its recipe fixes the step count and the stage starts, and its
+    batch_size is per process, so the same rows need the same number of processes."""
+    world = metrics.get("world_size", 1)
+    launcher = f"torchrun --nproc_per_node={world} -m nsa_core.cli" if world > 1 else "nsa-explorer"
+    return f"{launcher} train {recipe_file} --out {out}"
+
+
+def _curriculum_kind(recipe: Recipe) -> str:
+    """How the run's stages began: "replayed" (recipe.stage_starts), "gated" (answer accuracy, or the schedule
+    at the latest) or "scheduled" (the schedule alone)."""
+    if recipe.stage_starts is not None:
+        return "replayed"
+    return "gated" if recipe.curriculum_gate is not None else "scheduled"
+
+
+def _task_summary(recipe: Recipe, metrics: dict[str, Any]) -> str:
+    """How a run's rows were filled with tasks: the curriculum, or full length from the first step.
+
+    recipe is the run's final one (stage_starts as they happened); metrics["curriculum"] says what set them,
+    taken as "gated" for runs from before it was recorded."""
     if recipe.stage_starts and not any(recipe.stage_starts):
         return (f"Rows of {recipe.seq_len} tokens are packed with tasks of log-uniform length from "
                 f"{recipe.min_task_len} to {recipe.seq_len} tokens from the first step.")
-    return (f"Rows of {recipe.seq_len} tokens are packed with tasks whose longest length doubles in stages from "
-            f"{recipe.min_task_len} to {recipe.seq_len} tokens"
-            + (f", each stage entered once the answer accuracy reaches {recipe.curriculum_gate:.0%}"
-               if recipe.curriculum_gate is not None else "")
+    starts = ", ".join(map(str, recipe.stage_starts or []))
+    said = (f"Rows of {recipe.seq_len} tokens are packed with tasks whose longest length doubles in stages from "
+            f"{recipe.min_task_len} to {recipe.seq_len} tokens")
+    kind = metrics.get("curriculum", "gated")
+    if kind == "replayed":
+        return said + f", the stages beginning at steps {starts} as an earlier run recorded them (no accuracy gate)."
+    return (said + (f", each stage entered once the answer accuracy reaches {recipe.curriculum_gate:.0%}"
+                    if kind == "gated" and recipe.curriculum_gate is not None else "")
             + f" and at the latest over the first {recipe.curriculum_frac:.0%} of training"
-            + (f"; the stages began at steps {', '.join(map(str, recipe.stage_starts))}." if recipe.stage_starts
-               else "."))
+            + (f"; the stages began at steps {starts}." if starts else "."))
 
 
 def _run_summary(recipe: Recipe, metrics: dict[str, Any]) -> str:

@@ -245,8 +245,8 @@ def cards(args) -> int:
             recipe = recipe.replace(init_from="base")
             (folder / training.RECIPE_FILE).write_text(recipe.to_json(), encoding="utf-8")
             metrics["base"] = {k: base_metrics[k] for k in BASE_METRICS}
-            base = (base_recipe, base_metrics, train_command(training.BASE_RECIPE_FILE, base_metrics, "base"))
-        command = train_command(training.RECIPE_FILE, metrics, "<dir>")
+            base = (base_recipe, base_metrics, training.train_command(training.BASE_RECIPE_FILE, base_metrics, "base"))
+        command = training.train_command(training.RECIPE_FILE, metrics, "<dir>")
         if base is not None:
             command += " --init-from base"
         card = training.training_card(model, recipe, metrics, niah_section=section, command=command, base=base)
@@ -254,13 +254,6 @@ def cards(args) -> int:
         (folder / training.STATE_FILE).unlink(missing_ok=True)
         pack(folder, args.out)
     return 0
-
-
-def train_command(recipe_file: str, metrics: dict, out: str) -> str:
-    """The command that reruns a recorded run: its recipe fixes the step count and the stage starts."""
-    world = metrics.get("world_size", 1)
-    launcher = f"torchrun --nproc_per_node={world} -m nsa_core.cli" if world > 1 else "nsa-explorer"
-    return f"{launcher} train {recipe_file} --out {out}"
 
 
 def pack(folder: Path, out: Path) -> None:

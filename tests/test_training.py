@@ -155,6 +155,7 @@ def test_a_few_cpu_steps_lower_the_heldout_loss(tmp_path, corpus_root):
     assert result.metrics["corpus"] == data.corpus_summary(corpus_root, heldout_fraction=0.5)
     card = (tmp_path / "run" / "README.md").read_text()
     assert data.describe_corpus(result.metrics["corpus"]) in card
+    assert result.metrics["curriculum"] == "gated" and "each stage entered once the answer accuracy reaches 90%" in card
     log = [json.loads(line) for line in (tmp_path / "run" / training.LOG_FILE).read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5] and steps[-1]["tokens"] == 5 * 256
@@ -176,6 +177,10 @@ def test_each_stage_begun_logs_the_answer_accuracy_reached_before_it(tmp_path, c
     assert [(r["step"], r["stage_began"], r["max_task_len"]) for r in began] == [(3, 1, 257)]
     before = [r["answer_acc"] for r in log if "loss" in r and r["step"] <= 3]
     assert began[0]["answer_acc_before"] == pytest.approx(sum(before) / 3, abs=1e-4)
+    # Its card does not claim the gate it did not use.
+    card = (tmp_path / "late" / "README.md").read_text()
+    assert "the stages beginning at steps 3 as an earlier run recorded them (no accuracy gate)" in card
+    assert "answer accuracy reaches" not in card
     # A stage begun before any step was logged (a long-context run from step 0) has nothing to report.
     training.train(tiny_recipe(max_steps=2, stage_starts=[0]), tmp_path / "now", device="cpu", progress=False,
                    corpus_root=corpus_root)
@@ -318,6 +323,9 @@ def test_ddp_with_two_gloo_processes(tmp_path, corpus_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ddp_replicas_identical"] is True
+    # batch_size is per process: the card's command reruns the same rows on as many processes.
+    assert "`torchrun --nproc_per_node=2 -m nsa_core.cli train recipe.json --out <dir>`" in (
+        tmp_path / "ddp" / "README.md").read_text()
     assert metrics["tokens"] == 2 * 2 * 256  # both processes' rows count
     load_pretrained(tmp_path / "ddp")
 
