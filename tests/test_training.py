@@ -370,3 +370,34 @@ def test_flex_attention_path_matches_the_reference_gradients(triton_select):
     for a, b in zip(torch.autograd.grad((actual * weights).sum(), inputs),
                     torch.autograd.grad((expected * weights).sum(), inputs), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slc_scores", ["paper", "free"])
+def test_flex_attention_path_matches_the_reference_at_the_training_shape(slc_scores):
+    # nsa-tiny's attention over 16k-token rows, two rows per process, as a base run trains it (float32 here,
+    # so that what differs is the path, not the precision).
+    from nsa_core.train_attention import FlexNSA
+
+    config = load_pretrained(Path(__file__).parent.parent / "sample_models" / "nsa-tiny").config.replace(
+        slc_scores=slc_scores)
+    B, T, HQ, H, D = 2, 16384, config.n_head, config.n_kv_head, config.head_dim
+    Tc = (T - config.cmp_block) // config.cmp_stride + 1
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(B, T, HQ, D), (B, T, H, D), (B, T, H, D), (B, Tc, H, D), (B, Tc, H, D)]
+    inputs = [torch.randn(s, device="cuda", generator=g) for s in shapes]
+    inputs.append(torch.rand(B, T, HQ, 3, device="cuda", generator=g))
+    parts = reference.nsa_attention(*inputs, config=config, return_parts=True)
+    flex = FlexNSA(compile=True, triton_select=True)
+    with torch.no_grad():
+        o_cmp, lse = flex.compressed(*inputs[:1], *inputs[3:5], cmp_block=config.cmp_block,
+                                     cmp_stride=config.cmp_stride, scale=D ** -0.5)
+        block_idx = flex.select(inputs[0], inputs[3], lse, config=config, scale=D ** -0.5)
+        out = flex.nsa_attention(*inputs, config=config)
+    # The same blocks, as sets, for all but near-ties (each row of the batch on its own).
+    same = (block_idx.sort(-1).values == parts.block_idx.sort(-1).values).all(-1)  # [B, T, H]
+    assert same.float().mean((1, 2)).min() > 0.999
+    # And the same output wherever every KV head of a query chose the same blocks.
+    agree = same.all(-1)[:, :, None, None]
+    torch.testing.assert_close(torch.where(agree, out, 0.0), torch.where(agree, parts.o, 0.0), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(o_cmp, parts.o_cmp, atol=1e-4, rtol=1e-3)
