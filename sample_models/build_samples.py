@@ -13,8 +13,8 @@
     python sample_models/build_samples.py cards --work WORK --out OUT
 
 The text is the standard library of the Python that runs each phase, unless `--corpus-root` names
-another (train, serve and niah take it): the shipped runs read one with its test package, which
-Debian and Ubuntu leave out (docs/training.md). The cards say which text each run read.
+another (train, serve and niah take it): the shipped runs read Ubuntu's 3.12.3 library, without the
+tests that Debian and Ubuntu ship separately (docs/training.md). The cards say which text each run read.
 
 To rerun a shipped model, use its own base_recipe.json and recipe.json (steps fixed) with `--init-from`
 naming the base run's output. The base recipe's recorded stage starts replay the same rows only on the
