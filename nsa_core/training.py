@@ -357,8 +357,11 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
             if recent_acc and log is not None:
                 # How ready the run was for harder tasks: a replayed stage_starts moves on whether or not this
                 # run has learned the earlier stages (another text or process layout changes when a run learns).
+                ready = sum(recent_acc) / len(recent_acc)
                 log.write(json.dumps({"step": step, "stage_began": stage, "max_task_len": mix.max_task_len(stage),
-                                      "answer_acc_before": round(sum(recent_acc) / len(recent_acc), 4)}) + "\n")
+                                      "answer_acc_before": round(ready, 4)}) + "\n")
+                _say(bar, f"{recipe.name}: stage {stage} (tasks up to {mix.max_task_len(stage)} tokens) from step "
+                          f"{step}, answer accuracy before it {ready:.2f}")
             recent_acc.clear()
         stage_starts += [step] * (stage - len(stage_starts))
         inputs, targets, answer = data.training_batch(corpus, mix, batch_size=recipe.batch_size, stage=stage,
@@ -738,6 +741,14 @@ class _no_autocast:
 
     def __exit__(self, *exc):
         return False
+
+
+def _say(bar, message: str) -> None:
+    """A line on stderr that leaves the progress bar, if any, intact."""
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _progress_bar(enabled: bool, start: int, total: int, name: str):

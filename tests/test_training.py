@@ -167,7 +167,7 @@ def test_a_few_cpu_steps_lower_the_heldout_loss(tmp_path, corpus_root):
     assert written == recipe.replace(stage_starts=written.stage_starts) and written.stage_starts == [1]
 
 
-def test_each_stage_begun_logs_the_answer_accuracy_reached_before_it(tmp_path, corpus_root):
+def test_each_stage_begun_logs_the_answer_accuracy_reached_before_it(tmp_path, corpus_root, capsys):
     # A replayed curriculum moves on at its recorded steps whatever this run has learned; the log says how far
     # it had got, from the logged steps of the stage it leaves.
     training.train(tiny_recipe(max_steps=4, stage_starts=[3]), tmp_path / "late", device="cpu", progress=False,
@@ -177,6 +177,8 @@ def test_each_stage_begun_logs_the_answer_accuracy_reached_before_it(tmp_path, c
     assert [(r["step"], r["stage_began"], r["max_task_len"]) for r in began] == [(3, 1, 257)]
     before = [r["answer_acc"] for r in log if "loss" in r and r["step"] <= 3]
     assert began[0]["answer_acc_before"] == pytest.approx(sum(before) / 3, abs=1e-4)
+    assert (f"tiny: stage 1 (tasks up to 257 tokens) from step 3, answer accuracy before it "
+            f"{began[0]['answer_acc_before']:.2f}") in capsys.readouterr().err
     # Its card does not claim the gate it did not use.
     card = (tmp_path / "late" / "README.md").read_text()
     assert "the stages beginning at steps 3 as an earlier run recorded them (no accuracy gate)" in card
