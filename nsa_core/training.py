@@ -576,10 +576,12 @@ def _task_summary(recipe: Recipe, metrics: dict[str, Any]) -> str:
     kind = metrics.get("curriculum", "gated")
     if kind == "replayed":
         return said + f", the stages beginning at steps {starts} as an earlier run recorded them (no accuracy gate)."
-    return (said + (f", each stage entered once the answer accuracy reaches {recipe.curriculum_gate:.0%}"
-                    if kind == "gated" and recipe.curriculum_gate is not None else "")
-            + f" and at the latest over the first {recipe.curriculum_frac:.0%} of training"
-            + (f"; the stages began at steps {starts}." if starts else "."))
+    if kind == "gated" and recipe.curriculum_gate is not None:
+        said += (f", each stage entered once the answer accuracy reaches {recipe.curriculum_gate:.0%} and at the "
+                 f"latest over the first {recipe.curriculum_frac:.0%} of training")
+    else:
+        said += f", the stages spread evenly over the first {recipe.curriculum_frac:.0%} of training"
+    return said + (f"; the stages began at steps {starts}." if starts else ".")
 
 
 def _run_summary(recipe: Recipe, metrics: dict[str, Any]) -> str:

@@ -183,6 +183,9 @@ def test_each_stage_begun_logs_the_answer_accuracy_reached_before_it(tmp_path, c
     card = (tmp_path / "late" / "README.md").read_text()
     assert "the stages beginning at steps 3 as an earlier run recorded them (no accuracy gate)" in card
     assert "answer accuracy reaches" not in card
+    # Without the gate the card says the schedule alone set the stages.
+    card = training._task_summary(tiny_recipe(curriculum_gate=None), {"curriculum": "scheduled"})
+    assert "the stages spread evenly over the first 40% of training." in card and "accuracy" not in card
     # A stage begun before any step was logged (a long-context run from step 0) has nothing to report.
     training.train(tiny_recipe(max_steps=2, stage_starts=[0]), tmp_path / "now", device="cpu", progress=False,
                    corpus_root=corpus_root)
