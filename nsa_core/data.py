@@ -72,11 +72,14 @@ def split_sources(files: list[Path], root: str | Path, heldout_fraction: float) 
     return train, heldout
 
 
+FILE_SEPARATOR = b"\n\n"  # after each file of a corpus: a blank line between files
+
+
 def read_corpus(files: list[Path], *, max_bytes: int | None = None) -> np.ndarray:
     """The files' bytes joined by blank lines -> uint8 token array (byte tokens are the bytes themselves)."""
     chunks, total = [], 0
     for f in files:
-        data = f.read_bytes() + b"\n\n"
+        data = f.read_bytes() + FILE_SEPARATOR
         chunks.append(data)
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
@@ -117,7 +120,7 @@ def corpus_summary(root: str | Path | None = None, *, heldout_fraction: float = 
         for f in members:
             content = f.read_bytes()
             digest.update(f.relative_to(root).as_posix().encode("utf-8") + b"\0" + content + b"\0")
-            total += len(content) + 2  # read_corpus joins files with a blank line
+            total += len(content) + len(FILE_SEPARATOR)
         tokens[split] = total
     return {"root": str(root), "train_files": len(train), "train_tokens": tokens["train"],
             "heldout_files": len(heldout), "heldout_tokens": tokens["heldout"],
