@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from . import data, reference
+from . import data, reference, selection_alignment
 from .checkpoint import load_pretrained, model_card, read_config, save_pretrained
 from .config import NSAConfig
 from .model import NSALM
@@ -93,6 +93,10 @@ class Recipe:
     # the loss of those rows is paid through the compressed branch, whose scores rank the blocks: with its
     # gate near zero that ranking otherwise gets almost no gradient (docs/training.md).
     selected_dropout: float = 0.0
+    # Weight of the selection-alignment loss (`selection_alignment.py`: the compressed branch's block ranking
+    # trained toward where dense attention puts its mass), averaged over the NSA layers; 0 is off.
+    select_align_weight: float = 0.0
+    select_align_queries: int = 32  # query positions per row it samples, the answer-predicting ones first
     # Optimisation.
     # Train only the parameters whose name contains one of these strings (".attn." for a long-context run
     # that leaves the MLPs, embeddings and norms as the run it starts from left them); None trains all.
@@ -126,7 +130,12 @@ class Recipe:
             raise ValueError(f"attention_path must be one of {list(ATTENTION_PATHS)}, got {self.attention_path!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
-        for name in ("seq_len", "batch_size", "max_steps", "log_every", "ckpt_every", "eval_rows", "eval_every"):
+        if self.select_align_weight < 0:
+            raise ValueError(f"select_align_weight must be >= 0, got {self.select_align_weight}")
+        if self.select_align_weight > 0 and self.config.attention != "nsa":
+            raise ValueError("select_align_weight trains NSA's block ranking; a dense model has none (set it to 0)")
+        for name in ("seq_len", "batch_size", "max_steps", "log_every", "ckpt_every", "eval_rows", "eval_every",
+                     "select_align_queries"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         parts = self.trainable
@@ -194,7 +203,8 @@ def forward_logits(model: NSALM, ids: torch.Tensor, ops) -> torch.Tensor:
 
 
 class TrainingLoss(nn.Module):
-    """The module DDP wraps: (inputs, targets, answer) [B, T] -> weighted next-token loss and statistics."""
+    """The module DDP wraps: (inputs, targets, answer) [B, T] -> (weighted loss, text loss, answer accuracy,
+    selection-alignment loss); the last is 0 unless the recipe's select_align_weight is."""
 
     def __init__(self, model: NSALM, ops, recipe: Recipe) -> None:
         super().__init__()
@@ -203,6 +213,8 @@ class TrainingLoss(nn.Module):
         self.answer_weight = recipe.answer_weight
         self.first_answer_weight = recipe.first_answer_weight
         self.selected_dropout = recipe.selected_dropout
+        self.select_align_weight = recipe.select_align_weight
+        self.select_align_queries = recipe.select_align_queries
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, answer: torch.Tensor):
         ops = self.ops
@@ -211,18 +223,27 @@ class TrainingLoss(nn.Module):
             scale = torch.ones(inputs.shape[0], 1, 1, 3, device=inputs.device)  # gate multipliers (cmp, slc, win)
             scale[:, 0, 0, 1] = (~off).float()
             ops = _GateScaledOps(ops, scale)
-        logits = forward_logits(self.model, inputs, ops)  # [B, T, V]
+        recorder = _RecordingOps(ops) if self.select_align_weight > 0 else None
+        logits = forward_logits(self.model, inputs, recorder or ops)  # [B, T, V]
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         weights = 1.0 + (self.answer_weight - 1.0) * answer.float()
         if self.first_answer_weight is not None:
             first = answer & ~F.pad(answer[:, :-1], (1, 0))  # answer targets whose previous target is not one
             weights = torch.where(first, self.first_answer_weight, weights)
         loss = (ce * weights).sum() / weights.sum()
+        align = loss.new_zeros(())
+        if recorder is not None:
+            config = self.model.config
+            positions = selection_alignment.sample_positions(
+                answer, self.select_align_queries, first=selection_alignment.first_ranked_position(config))
+            align = torch.stack([selection_alignment.selection_alignment_loss(q, k, k_cmp, positions, config=config)
+                                 for q, k, k_cmp in recorder.calls]).mean()
+            loss = loss + self.select_align_weight * align
         with torch.no_grad():
             text_loss = ce[~answer].mean()
             hits = (logits.argmax(-1) == targets) & answer
             answer_acc = hits.sum() / answer.sum().clamp_min(1)
-        return loss, text_loss, answer_acc
+        return loss, text_loss, answer_acc, align.detach()
 
 
 class _GateScaledOps:
@@ -234,6 +255,18 @@ class _GateScaledOps:
 
     def nsa_attention(self, q, k, v, k_cmp, v_cmp, gates, **kwargs):
         return self.ops.nsa_attention(q, k, v, k_cmp, v_cmp, gates * self.scale.to(gates.dtype), **kwargs)
+
+
+class _RecordingOps:
+    """An `ops` object that keeps each layer's (q, k, k_cmp), graph included, for the selection-alignment loss."""
+
+    def __init__(self, ops) -> None:
+        self.ops = ops
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def nsa_attention(self, q, k, v, k_cmp, v_cmp, gates, **kwargs):
+        self.calls.append((q, k, k_cmp))
+        return self.ops.nsa_attention(q, k, v, k_cmp, v_cmp, gates, **kwargs)
 
 
 def attention_ops(recipe: Recipe, device: torch.device):
@@ -371,7 +404,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast:
-            loss, text_loss, answer_acc = step_module(inputs, targets, answer)
+            loss, text_loss, answer_acc, align_loss = step_module(inputs, targets, answer)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -401,6 +434,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, device: str | torch.device | N
                       "tokens": tokens, "stage": stage, "max_task_len": mix.max_task_len(stage),
                       "tokens_per_s": round(inputs.numel() * world / step_times[-1]),
                       "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 2)}
+            if recipe.select_align_weight > 0:
+                record["align_loss"] = round(align_loss.item(), 4)
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -594,7 +629,8 @@ def _run_summary(recipe: Recipe, metrics: dict[str, Any]) -> str:
 
 
 def _what_trains(recipe: Recipe, metrics: dict[str, Any]) -> str:
-    """The card's sentence on frozen weights and the pull toward the starting weights, "" for neither."""
+    """The card's sentences on frozen weights, the pull toward the starting weights and the selection-alignment
+    loss, "" for none."""
     said = ""
     if recipe.trainable:
         names = ", ".join(f"`{part}`" for part in recipe.trainable)
@@ -603,6 +639,10 @@ def _what_trains(recipe: Recipe, metrics: dict[str, Any]) -> str:
     if recipe.init_decay:
         said += (f" After each step the trained weights move lr x {recipe.init_decay} of the way back to the "
                  "starting ones (`init_decay`).")
+    if recipe.select_align_weight:
+        said += (f" The loss adds {recipe.select_align_weight} x the selection-alignment loss: the block ranking "
+                 f"trained toward dense attention's block mass at {recipe.select_align_queries} queries per row "
+                 "(`nsa_core/selection_alignment.py`).")
     return said
 
 

@@ -121,9 +121,10 @@ def twin(args) -> int:
             return 1
         init_from = str(args.work / BASES[dense_name]) if nsa.init_from is not None else None
         # The same recipe in everything but the attention, `trainable` and `init_decay` included: keeping
-        # part of the base run's weights helps a dense model too (docs/training.md).
+        # part of the base run's weights helps a dense model too (docs/training.md). The selection-alignment
+        # loss trains NSA's block ranking, which a dense model does not have.
         dense = nsa.replace(name=NAMES[1], model=dict(nsa.model, attention="dense"),
-                            batch_size=global_batch // args.world, init_from=init_from)
+                            batch_size=global_batch // args.world, init_from=init_from, select_align_weight=0.0)
         path = args.work / f"{dense_name}.recipe.json"
         path.write_text(dense.to_json(), encoding="utf-8")
         print(f"wrote {path}: {dense.max_steps} steps of {dense.batch_size} rows x {args.world} processes, "

@@ -30,7 +30,7 @@ def finished_run(folder: Path, recipe: Recipe, world_size: int) -> None:
 def test_twin_recipe_switches_the_attention_and_nothing_else(build_samples, tmp_path):
     nsa = Recipe(name="nsa-tiny", model={"attention": "nsa", "rope_theta": 1e6}, seed=7, init_from="/runs/nsa-base",
                  seq_len=2048, batch_size=2, max_steps=300, stage_starts=[0, 120], trainable=[".attn."],
-                 eval_every=100)
+                 eval_every=100, select_align_weight=0.5)
     finished_run(tmp_path / "nsa-tiny", nsa, world_size=2)  # a global batch of 4 rows
     # nsa-base has not finished (no folder): its twin is skipped, the long-context one is still written.
     assert build_samples.main(["twin", "--work", str(tmp_path), "--world", "4"]) == 0
@@ -38,11 +38,12 @@ def test_twin_recipe_switches_the_attention_and_nothing_else(build_samples, tmp_
     dense = Recipe.load(tmp_path / "dense-tiny.recipe.json")
     assert dense.config.attention == "dense" and dense.model == {**nsa.model, "attention": "dense"}
     assert dense.trainable == [".attn."]
+    assert dense.select_align_weight == 0.0  # NSA's block ranking: a dense model has none
     assert dense.batch_size == 1  # 4 rows over 4 processes
     assert dense.init_from == str(tmp_path / "dense-base")
     assert not (tmp_path / "dense-base.recipe.json").exists()
     # Everything that decides the rows and the schedule is the NSA run's.
-    same = {"name", "model", "batch_size", "init_from"}
+    same = {"name", "model", "batch_size", "init_from", "select_align_weight"}
     for field in Recipe.__dataclass_fields__:
         if field not in same:
             assert getattr(dense, field) == getattr(nsa, field), field

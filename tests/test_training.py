@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nsa_core import data, reference, training
+from nsa_core import data, reference, selection_alignment, training
 from nsa_core.checkpoint import load_pretrained
 from nsa_core.model import NSALM
 
@@ -45,6 +45,12 @@ def test_recipe_round_trip_and_errors(tmp_path):
         tiny_recipe(selected_dropout=1.0)
     with pytest.raises(ValueError, match="first_answer_weight"):
         tiny_recipe(first_answer_weight=0.0)
+    with pytest.raises(ValueError, match="select_align_weight"):
+        tiny_recipe(select_align_weight=-0.1)
+    with pytest.raises(ValueError, match="a dense model has none"):
+        tiny_recipe(model=TINY_MODEL | {"attention": "dense"}, select_align_weight=0.5)
+    with pytest.raises(ValueError, match="select_align_queries"):
+        tiny_recipe(select_align_queries=0)
 
 
 def test_first_answer_weight_weighs_each_answers_first_token():
@@ -60,7 +66,7 @@ def test_first_answer_weight_weighs_each_answers_first_token():
     for b, t in answer.nonzero().tolist():
         weights[b, t] = 10.0 if (b, t) in first else 3.0
     with torch.no_grad():
-        loss, _, _ = loss_module(inputs, targets, answer)
+        loss, *_ = loss_module(inputs, targets, answer)
         ce = torch.nn.functional.cross_entropy(model(inputs, backend="reference").flatten(0, 1), targets.flatten(),
                                                reduction="none").view(2, 12)
     assert loss.item() == pytest.approx(((ce * weights).sum() / weights.sum()).item(), rel=1e-5)
@@ -86,12 +92,45 @@ def test_selected_dropout_switches_the_selected_branch_off_in_whole_rows():
         off = torch.rand(8) < 0.5  # the rows the loss module draws after the same seed
         assert 0 < off.sum() < 8, "the seed must draw both kinds of rows"
         torch.manual_seed(1)
-        loss, _, _ = training.TrainingLoss(model, reference, recipe)(ids, targets, answer)
+        loss, *_ = training.TrainingLoss(model, reference, recipe)(ids, targets, answer)
         logits = torch.where(off[:, None, None], shut(ids, backend="reference"), model(ids, backend="reference"))
         expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         unchanged = torch.nn.functional.cross_entropy(model(ids, backend="reference").flatten(0, 1), targets.flatten())
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(loss.item() - unchanged.item()) > 2e-4  # far beyond the tolerance above
+
+
+def test_selection_alignment_adds_its_weighted_loss_over_the_nsa_layers():
+    recipe = tiny_recipe(model=TINY_MODEL | {"n_layer": 2}, select_align_weight=0.3, select_align_queries=5)
+    torch.manual_seed(0)
+    model = NSALM(recipe.config)
+    ids, targets = torch.randint(0, 256, (2, 2, 200))
+    answer = torch.zeros(2, 200, dtype=torch.bool)
+    answer[0, 150:155] = answer[1, 60:65] = True
+    with torch.no_grad():
+        torch.manual_seed(1)
+        loss, _, _, align = training.TrainingLoss(model, reference, recipe)(ids, targets, answer)
+        plain, *_ = training.TrainingLoss(model, reference, recipe.replace(select_align_weight=0.0))(
+            ids, targets, answer)
+        torch.manual_seed(1)
+        positions = selection_alignment.sample_positions(
+            answer, 5, first=selection_alignment.first_ranked_position(recipe.config))
+        per_layer = [selection_alignment.selection_alignment_loss(a.q, a.k, a.k_cmp, positions, config=recipe.config)
+                     for a in (model.attention_inputs(ids, layer, backend="reference") for layer in range(2))]
+    assert set(positions[0].tolist()) >= set(range(150, 155))  # the answer queries are among those used
+    expected = torch.stack(per_layer).mean()
+    assert align.item() == pytest.approx(expected.item(), rel=1e-5) and align.item() > 0
+    assert loss.item() == pytest.approx(plain.item() + 0.3 * expected.item(), rel=1e-5)
+
+
+def test_a_run_with_selection_alignment_logs_it(tmp_path, corpus_root):
+    recipe = tiny_recipe(max_steps=3, select_align_weight=1.0)
+    training.train(recipe, tmp_path / "run", device="cpu", progress=False, corpus_root=corpus_root)
+    log = [json.loads(line) for line in (tmp_path / "run" / training.LOG_FILE).read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    # A fresh model attends almost uniformly on both sides of the KL, so the loss starts near 0.
+    assert len(steps) == 3 and all(0 <= r["align_loss"] < 0.5 for r in steps)
+    assert "1.0 x the selection-alignment loss" in (tmp_path / "run" / "README.md").read_text()
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
