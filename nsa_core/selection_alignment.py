@@ -27,6 +27,10 @@ from torch.nn import functional as F
 from . import masks
 from .config import NSAConfig
 
+# Stands in for log 0 on the side that carries gradient: logsumexp over nothing but -inf has NaN gradients.
+# exp(LOG_ZERO) is 0 in float32, so it changes no sum that has a real term.
+LOG_ZERO = -1e4
+
 
 def first_ranked_position(config: NSAConfig) -> int:
     """The first query position with more candidate blocks than free slots, where the ranking decides."""
@@ -60,18 +64,19 @@ def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, k_cmp: torch.Tens
     H = k.shape[2]
     scale = Dk ** -0.5 if scale is None else scale
     pos = positions.clamp_min(0)
+    dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 activations are scored in float32
     with torch.autocast(q.device.type, enabled=False):
-        q_at = q.float()[torch.arange(B, device=q.device)[:, None], pos].unflatten(2, (H, HQ // H))  # [B, M, H, G, Dk]
+        q_at = q.to(dtype)[torch.arange(B, device=q.device)[:, None], pos].unflatten(2, (H, HQ // H))  # [B,M,H,G,Dk]
         with torch.no_grad():
-            dense = dense_block_mass(q_at, k.float(), pos, slc_block=config.slc_block, scale=scale)
-        importance = compressed_block_mass(q_at, k_cmp.float(), pos, seq_len=T, config=config, scale=scale)
-        candidate = candidate_blocks(pos, importance.shape[-1], config=config)  # [B, M, Ns]
+            dense = dense_block_mass(q_at, k.to(dtype), pos, slc_block=config.slc_block, scale=scale)
+        log_importance = compressed_block_log_mass(q_at, k_cmp.to(dtype), pos, seq_len=T, config=config, scale=scale)
+        candidate = candidate_blocks(pos, dense.shape[-1], config=config)  # [B, M, Ns]
         target = _group_distribution(dense, candidate, config.slc_scores)  # [B, M, H, Ns]
-        model = _group_distribution(importance, candidate, config.slc_scores)
-        kl = (torch.xlogy(target, target) - target * model.clamp_min(1e-30).log()).sum(-1)  # [B, M, H]
+        log_model = _group_log_distribution(log_importance, candidate, config.slc_scores)
+        kl = torch.where(target > 0, torch.xlogy(target, target) - target * log_model, 0.0).sum(-1)  # [B, M, H]
         keep = ((positions >= 0) & candidate.any(-1))[..., None].expand_as(kl)
         if not keep.any():
-            return importance.sum() * 0.0
+            return log_importance.sum() * 0.0
         return kl[keep].mean()
 
 
@@ -89,26 +94,28 @@ def dense_block_mass(q_at: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, *, 
     return F.pad(p, (0, num_slc * slc_block - T)).unflatten(-1, (num_slc, slc_block)).sum(-1)
 
 
-def compressed_block_mass(q_at: torch.Tensor, k_cmp: torch.Tensor, pos: torch.Tensor, *, seq_len: int,
-                          config: NSAConfig, scale: float) -> torch.Tensor:
-    """Eq. 8-9 per query head, with gradient: compressed probabilities over the visible compressed tokens,
-    remapped onto the selection blocks of a seq_len sequence.
+def compressed_block_log_mass(q_at: torch.Tensor, k_cmp: torch.Tensor, pos: torch.Tensor, *, seq_len: int,
+                              config: NSAConfig, scale: float) -> torch.Tensor:
+    """The log of Eq. 8-9 per query head, with gradient: compressed probabilities over the visible compressed
+    tokens, remapped onto the selection blocks of a seq_len sequence.
 
-    q_at [B, M, H, G, Dk], k_cmp [B, Tc, H, Dk], pos [B, M]
-    -> [B, M, H, G, Ns].
+    q_at [B, M, H, G, Dk], k_cmp [B, Tc, H, Dk], pos [B, M] -> [B, M, H, G, Ns] (LOG_ZERO or less where no
+    visible token overlaps). In log space: a trained head can put so little on a far block that its
+    probability underflows float32, and a block the loss cannot see it cannot move.
     """
     Tc = k_cmp.shape[1]
-    num_slc = masks.num_selection_blocks(seq_len, config.slc_block)
     scores = torch.einsum("bmhgd,bchd->bmhgc", q_at, k_cmp) * scale  # [B, M, H, G, Tc]
     visible = torch.arange(Tc, device=k_cmp.device) < masks.visible_compressed(pos, config.cmp_block,
                                                                                 config.cmp_stride)[..., None]
-    # A row that sees no compressed token (an unused position) attends to all of them instead: a finite
-    # softmax keeps its zero gradient from turning into NaN (0 * NaN) on the way back.
+    # A row that sees no compressed token (an unused position) attends to all of them instead: finite values
+    # keep its zero gradient from turning into NaN (0 * NaN) on the way back.
     visible = visible | ~visible.any(-1, keepdim=True)
-    p_cmp = torch.softmax(scores.masked_fill(~visible[:, :, None, None], -torch.inf), -1)
-    weights = masks.overlap_weights(Tc, num_slc, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
-                                    slc_block=config.slc_block, dtype=p_cmp.dtype, device=k_cmp.device)
-    return p_cmp @ weights  # [B, M, H, G, Ns]
+    log_p = torch.log_softmax(scores.masked_fill(~visible[:, :, None, None], -torch.inf), -1).clamp_min(LOG_ZERO)
+    # Eq. 9 as a gather: block j's mass is the sum over the few compressed tokens that overlap it.
+    tokens, log_weight = _overlapping_tokens(Tc, masks.num_selection_blocks(seq_len, config.slc_block), config,
+                                             k_cmp.device)  # [Ns, K] each
+    gathered = log_p[..., tokens.flatten()].unflatten(-1, tokens.shape)  # [B, M, H, G, Ns, K]
+    return torch.logsumexp(gathered + log_weight.to(log_p.dtype), -1)
 
 
 def candidate_blocks(pos: torch.Tensor, num_slc: int, *, config: NSAConfig) -> torch.Tensor:
@@ -118,10 +125,35 @@ def candidate_blocks(pos: torch.Tensor, num_slc: int, *, config: NSAConfig) -> t
     return (torch.arange(num_slc, device=pos.device) <= (pos // config.slc_block)[..., None]) & ~forced
 
 
-def _group_distribution(mass: torch.Tensor, candidate: torch.Tensor, slc_scores: str) -> torch.Tensor:
-    """mass [B, M, H, G, Ns] per query head -> [B, M, H, Ns]: a distribution over the candidate blocks."""
-    mass = mass * candidate[:, :, None, None, :]
+def _overlapping_tokens(num_cmp: int, num_slc: int, config: NSAConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each selection block, the compressed tokens overlapping it and the log of their Eq. 9 weights:
+    tokens [Ns, K] (clamped into range) and log_weight [Ns, K] (LOG_ZERO on padding), K the most any block has."""
+    l, d, ls = config.cmp_block, config.cmp_stride, config.slc_block
+    block = torch.arange(num_slc, device=device)[:, None]  # [Ns, 1]
+    first = torch.div(block * ls - l, d, rounding_mode="floor") + 1  # the first token ending inside the block
+    count = -(-(ls + l - 1) // d)  # enough for any block: a token overlaps it iff it starts in (j*l' - l, (j+1)*l')
+    tokens = first + torch.arange(count, device=device)  # [Ns, K]
+    overlap = masks.span_overlap(tokens * d, tokens * d + l, block * ls, block * ls + ls)
+    live = (tokens >= 0) & (tokens < num_cmp) & (overlap > 0)
+    log_weight = torch.where(live, (overlap.float() / d).log(), LOG_ZERO)
+    return tokens.clamp(0, max(num_cmp - 1, 0)), log_weight
+
+
+def _group_log_distribution(log_mass: torch.Tensor, candidate: torch.Tensor, slc_scores: str) -> torch.Tensor:
+    """log_mass [B, M, H, G, Ns] per query head -> [B, M, H, Ns]: the log of a distribution over the candidate
+    blocks (about LOG_ZERO elsewhere), the heads of each group summed as `slc_scores` sums them."""
+    log_mass = log_mass.masked_fill(~candidate[:, :, None, None, :], LOG_ZERO)
     if slc_scores == "free":  # every head casts a whole vote on the candidates (reference.selection_lse)
+        log_mass = log_mass - torch.logsumexp(log_mass, -1, keepdim=True)
+    group = torch.logsumexp(log_mass, 3)  # [B, M, H, Ns]
+    return group - torch.logsumexp(group, -1, keepdim=True)
+
+
+def _group_distribution(mass: torch.Tensor, candidate: torch.Tensor, slc_scores: str) -> torch.Tensor:
+    """mass [B, M, H, G, Ns] per query head -> [B, M, H, Ns]: a distribution over the candidate blocks (0
+    elsewhere); a head with no mass on them casts no vote."""
+    mass = mass * candidate[:, :, None, None, :]
+    if slc_scores == "free":
         mass = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     group = mass.sum(3)
     return group / group.sum(-1, keepdim=True).clamp_min(1e-30)

@@ -66,8 +66,28 @@ def test_loss_matches_a_brute_force_loop(slc_scores):
     q, k, k_cmp = _inputs()
     # Both rows: query positions of every kind, including one with no candidate (t < 3 blocks) and unused slots.
     positions = torch.tensor([[74, 40, 20, -1, 63], [33, 5, 71, 48, -1]])
+    q, k_cmp = q.requires_grad_(True), k_cmp.requires_grad_(True)
     loss = selection_alignment.selection_alignment_loss(q, k, k_cmp, positions, config=config)
     assert loss.item() == pytest.approx(_brute_force(q, k, k_cmp, positions, config), rel=1e-5)
+    loss.backward()  # unused slots and rows without candidates must not send NaN back
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k_cmp.grad).all()
+
+
+def test_far_blocks_keep_their_loss_and_gradient_when_float32_underflows():
+    """Compressed heads that put exp(-300) on most candidate blocks: float32 probabilities are 0 there, the loss
+    in log space is still the float64 one, and the far blocks' compressed keys still get gradient."""
+    q, k, k_cmp = _inputs(T=75, B=1, seed=5)
+    q[..., 0] = 10.0
+    k_cmp[..., 0] = 0.0
+    # The last three compressed tokens win by 300 nats; one overlaps a candidate block, the others get exp(-300).
+    k_cmp[:, -3:, :, 0] = 300.0 / (10.0 * CONFIG.head_dim ** -0.5)
+    positions = torch.tensor([[74, 71]])
+    exact = selection_alignment.selection_alignment_loss(q, k, k_cmp, positions, config=CONFIG).item()
+    k_cmp32 = k_cmp.float().requires_grad_(True)
+    loss = selection_alignment.selection_alignment_loss(q.float(), k.float(), k_cmp32, positions, config=CONFIG)
+    assert 100 < exact < 1000 and loss.item() == pytest.approx(exact, rel=1e-4)
+    loss.backward()
+    assert k_cmp32.grad[:, :8].abs().sum() > 0  # tokens of the candidate blocks
 
 
 @pytest.mark.parametrize("T", [64, 75])
@@ -83,10 +103,10 @@ def test_model_side_is_the_reference_block_importance(T):
     positions = torch.tensor([[T - 1, 30, 12], [7, T - 9, 40]])
     H = k_cmp.shape[2]
     q_at = q[torch.arange(2)[:, None], positions].unflatten(2, (H, -1))
-    mass = selection_alignment.compressed_block_mass(q_at, k_cmp, positions, seq_len=T, config=config,
-                                                     scale=config.head_dim ** -0.5)
+    log_mass = selection_alignment.compressed_block_log_mass(q_at, k_cmp, positions, seq_len=T, config=config,
+                                                             scale=config.head_dim ** -0.5)
     expected = scores[torch.arange(2)[:, None], positions]  # [B, M, H, Ns]
-    torch.testing.assert_close(mass.sum(3), expected.to(mass.dtype), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(log_mass.exp().sum(3), expected.to(log_mass.dtype), rtol=1e-6, atol=1e-9)
     candidate = selection_alignment.candidate_blocks(positions, num_slc, config=config)
     forced = masks.forced_blocks(positions, slc_block=config.slc_block, init_blocks=config.init_blocks,
                                  local_blocks=config.local_blocks, num_slc=num_slc)
