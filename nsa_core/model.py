@@ -113,11 +113,14 @@ class Attention(nn.Module):
 
         Each compressed key is rotated at its window start i*d.
         """
+        return self.compress_keys(k_raw, first=first), self.v_compress(v_raw)
+
+    def compress_keys(self, k_raw: torch.Tensor, *, first: int = 0) -> torch.Tensor:
+        """The compressed keys [B, Tc, H, Dk] of un-rotated k_raw [B, T, H, Dk], rotated at their window starts."""
         c = self.config
         k_cmp = self.k_compress(k_raw)  # [B, Tc, H, Dk]
-        v_cmp = self.v_compress(v_raw)  # [B, Tc, H, Dv]
         starts = (torch.arange(k_cmp.shape[1], device=k_raw.device) + first) * c.cmp_stride
-        return apply_rope(k_cmp, starts, c.rope_theta), v_cmp
+        return apply_rope(k_cmp, starts, c.rope_theta)
 
     def inputs(self, x: torch.Tensor, positions: torch.Tensor) -> AttentionInputs:
         """Projections of x [B, T, d_model] at absolute positions [T] (a whole sequence from 0)."""

@@ -55,6 +55,7 @@ LOG_FILE = "train_log.jsonl"
 RECIPE_FILE = "recipe.json"
 BASE_RECIPE_FILE = "base_recipe.json"  # next to a checkpoint trained in two runs: the first run's recipe
 ATTENTION_PATHS = ("auto", "flex", "reference")
+SELECT_ALIGN_TRAINS = ("all", "compressor")
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Config fields a run may change from its init_from checkpoint's: how the selection ranks blocks is a rule
 # on top of the weights, so a second phase can train under the other rule.
@@ -97,6 +98,10 @@ class Recipe:
     # trained toward where dense attention puts its mass), averaged over the NSA layers; 0 is off.
     select_align_weight: float = 0.0
     select_align_queries: int = 32  # query positions per row it samples, the answer-predicting ones first
+    # What it trains: "all" (the queries, the keys and the compressors it reads) or "compressor" (only the key
+    # compression MLPs: queries and raw keys detached, as DeepSeek-V3.2 detaches its indexer's input, so the
+    # weights every branch shares get no gradient from it).
+    select_align_trains: str = "all"
     # Optimisation.
     # Train only the parameters whose name contains one of these strings (".attn." for a long-context run
     # that leaves the MLPs, embeddings and norms as the run it starts from left them); None trains all.
@@ -132,6 +137,9 @@ class Recipe:
             raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if self.select_align_weight < 0:
             raise ValueError(f"select_align_weight must be >= 0, got {self.select_align_weight}")
+        if self.select_align_trains not in SELECT_ALIGN_TRAINS:
+            raise ValueError(f"select_align_trains must be one of {list(SELECT_ALIGN_TRAINS)}, got "
+                             f"{self.select_align_trains!r}")
         if self.select_align_weight > 0 and self.config.attention != "nsa":
             raise ValueError("select_align_weight trains NSA's block ranking; a dense model has none (set it to 0)")
         for name in ("seq_len", "batch_size", "max_steps", "log_every", "ckpt_every", "eval_rows", "eval_every",
@@ -215,6 +223,15 @@ class TrainingLoss(nn.Module):
         self.selected_dropout = recipe.selected_dropout
         self.select_align_weight = recipe.select_align_weight
         self.select_align_queries = recipe.select_align_queries
+        self.compressor_only = recipe.select_align_trains == "compressor"
+        self._raw_keys: list[torch.Tensor] | None = None  # each NSA layer's un-rotated cmp keys, while recording
+        if self.select_align_weight > 0 and self.compressor_only:
+            for layer in model.layers:
+                layer.attn.k_compress.register_forward_hook(self._keep_raw_keys)
+
+    def _keep_raw_keys(self, module, inputs, output) -> None:
+        if self._raw_keys is not None:
+            self._raw_keys.append(inputs[0])
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, answer: torch.Tensor):
         ops = self.ops
@@ -224,7 +241,9 @@ class TrainingLoss(nn.Module):
             scale[:, 0, 0, 1] = (~off).float()
             ops = _GateScaledOps(ops, scale)
         recorder = _RecordingOps(ops) if self.select_align_weight > 0 else None
+        self._raw_keys = [] if recorder is not None and self.compressor_only else None
         logits = forward_logits(self.model, inputs, recorder or ops)  # [B, T, V]
+        raw_keys, self._raw_keys = self._raw_keys, None
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         weights = 1.0 + (self.answer_weight - 1.0) * answer.float()
         if self.first_answer_weight is not None:
@@ -236,8 +255,12 @@ class TrainingLoss(nn.Module):
             config = self.model.config
             positions = selection_alignment.sample_positions(
                 answer, self.select_align_queries, first=selection_alignment.first_ranked_position(config))
+            layers = recorder.calls
+            if raw_keys is not None:  # the compressors alone: the same keys, from raw keys without their graph
+                layers = [(q.detach(), k, layer.attn.compress_keys(k_raw.detach()))
+                          for (q, k, _), k_raw, layer in zip(layers, raw_keys, self.model.layers, strict=True)]
             align = torch.stack([selection_alignment.selection_alignment_loss(q, k, k_cmp, positions, config=config)
-                                 for q, k, k_cmp in recorder.calls]).mean()
+                                 for q, k, k_cmp in layers]).mean()
             loss = loss + self.select_align_weight * align
         with torch.no_grad():
             text_loss = ce[~answer].mean()

@@ -51,6 +51,8 @@ def test_recipe_round_trip_and_errors(tmp_path):
         tiny_recipe(model=TINY_MODEL | {"attention": "dense"}, select_align_weight=0.5)
     with pytest.raises(ValueError, match="select_align_queries"):
         tiny_recipe(select_align_queries=0)
+    with pytest.raises(ValueError, match="select_align_trains"):
+        tiny_recipe(select_align_trains="queries")
 
 
 def test_first_answer_weight_weighs_each_answers_first_token():
@@ -121,6 +123,34 @@ def test_selection_alignment_adds_its_weighted_loss_over_the_nsa_layers():
     expected = torch.stack(per_layer).mean()
     assert align.item() == pytest.approx(expected.item(), rel=1e-5) and align.item() > 0
     assert loss.item() == pytest.approx(plain.item() + 0.3 * expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("trains", ["all", "compressor"])
+def test_selection_alignment_trains_what_the_recipe_says(trains):
+    """The gradient the loss adds (with it minus without it) reaches the queries in "all" and only the key
+    compressors in "compressor"; the loss's value is the same either way."""
+    recipe = tiny_recipe(select_align_weight=0.5, select_align_queries=4)
+    torch.manual_seed(0)
+    model = NSALM(recipe.config)
+    ids, targets = torch.randint(0, 256, (2, 2, 160))
+    answer = torch.zeros(2, 160, dtype=torch.bool)
+    answer[:, 120:125] = True
+    names, params = zip(*model.named_parameters(), strict=True)
+
+    def gradients(r):
+        torch.manual_seed(1)
+        loss, _, _, align = training.TrainingLoss(model, reference, r)(ids, targets, answer)
+        return torch.autograd.grad(loss, params), align
+
+    with_align, align = gradients(recipe.replace(select_align_trains=trains))
+    without, _ = gradients(recipe.replace(select_align_weight=0.0))
+    _, align_all = gradients(recipe)
+    moved = {n for n, a, b in zip(names, with_align, without, strict=True) if not torch.allclose(a, b, atol=1e-9)}
+    assert align.item() == pytest.approx(align_all.item(), rel=1e-6) and align.item() > 0
+    if trains == "compressor":
+        assert moved and all(".attn.k_compress." in n for n in moved)
+    else:
+        assert any(".attn.q_proj." in n for n in moved) and any(".attn.k_compress." in n for n in moved)
 
 
 def test_a_run_with_selection_alignment_logs_it(tmp_path, corpus_root):
