@@ -16,7 +16,8 @@ attention. For sampled queries of one layer:
 - loss: KL(target || model), averaged over the sampled (query, KV head) pairs.
 
 The target carries no gradient; the model side trains the queries and the compressed keys (the
-compression MLP and the keys it reads).
+compression MLP and the keys it reads), or the compression MLPs alone when the caller passes queries and
+compressed keys built from detached inputs (`Recipe.select_align_trains`, docs/training.md).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, k_cmp: torch.Tens
         candidate = candidate_blocks(pos, dense.shape[-1], config=config)  # [B, M, Ns]
         target = _group_distribution(dense, candidate, config.slc_scores)  # [B, M, H, Ns]
         log_model = _group_log_distribution(log_importance, candidate, config.slc_scores)
-        kl = torch.where(target > 0, torch.xlogy(target, target) - target * log_model, 0.0).sum(-1)  # [B, M, H]
+        kl = (torch.xlogy(target, target) - target * log_model).sum(-1)  # [B, M, H]; log_model is finite
         keep = ((positions >= 0) & candidate.any(-1))[..., None].expand_as(kl)
         if not keep.any():
             return log_importance.sum() * 0.0
