@@ -127,17 +127,13 @@ def candidate_blocks(pos: torch.Tensor, num_slc: int, *, config: NSAConfig) -> t
 
 
 def _overlapping_tokens(num_cmp: int, num_slc: int, config: NSAConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each selection block, the compressed tokens overlapping it and the log of their Eq. 9 weights:
-    tokens [Ns, K] (clamped into range) and log_weight [Ns, K] (LOG_ZERO on padding), K the most any block has."""
-    l, d, ls = config.cmp_block, config.cmp_stride, config.slc_block
-    block = torch.arange(num_slc, device=device)[:, None]  # [Ns, 1]
-    first = torch.div(block * ls - l, d, rounding_mode="floor") + 1  # the first token ending inside the block
-    count = -(-(ls + l - 1) // d)  # enough for any block: a token overlaps it iff it starts in (j*l' - l, (j+1)*l')
-    tokens = first + torch.arange(count, device=device)  # [Ns, K]
-    overlap = masks.span_overlap(tokens * d, tokens * d + l, block * ls, block * ls + ls)
-    live = (tokens >= 0) & (tokens < num_cmp) & (overlap > 0)
-    log_weight = torch.where(live, (overlap.float() / d).log(), LOG_ZERO)
-    return tokens.clamp(0, max(num_cmp - 1, 0)), log_weight
+    """For each selection block, the compressed tokens overlapping it and the log of their Eq. 9 weights
+    (`masks.overlap_weights`): tokens [Ns, K] and log_weight [Ns, K] (LOG_ZERO on padding), K the most any
+    block has."""
+    weights = masks.overlap_weights(num_cmp, num_slc, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+                                    slc_block=config.slc_block, device=device).T  # [Ns, Tc]
+    top = weights.topk(int((weights > 0).sum(-1).max()), dim=-1)  # the nonzero weights, padded with zeros
+    return top.indices, torch.where(top.values > 0, top.values.log(), LOG_ZERO)
 
 
 def _group_log_distribution(log_mass: torch.Tensor, candidate: torch.Tensor, slc_scores: str) -> torch.Tensor:

@@ -663,9 +663,11 @@ def _what_trains(recipe: Recipe, metrics: dict[str, Any]) -> str:
         said += (f" After each step the trained weights move lr x {recipe.init_decay} of the way back to the "
                  "starting ones (`init_decay`).")
     if recipe.select_align_weight:
+        through = ("the key compressors alone" if recipe.select_align_trains == "compressor"
+                   else "the queries, keys and key compressors")
         said += (f" The loss adds {recipe.select_align_weight} x the selection-alignment loss: the block ranking "
-                 f"trained toward dense attention's block mass at {recipe.select_align_queries} queries per row "
-                 "(`nsa_core/selection_alignment.py`).")
+                 f"trained, through {through}, toward dense attention's block mass at "
+                 f"{recipe.select_align_queries} queries per row (`nsa_core/selection_alignment.py`).")
     return said
 
 
