@@ -107,7 +107,7 @@ def test_the_twins_share_recipe_data_and_steps(recipe_file, metrics_of):
     global_batch = {name: recipes[name].batch_size * metrics[name]["world_size"] for name in NAMES}
     assert global_batch["nsa-tiny"] == global_batch["dense-tiny"]
     assert dense.select_align_weight == 0.0
-    same = dict(name="x", model={}, batch_size=1, select_align_weight=0.0)
+    same = {"name": "x", "model": {}, "batch_size": 1, "select_align_weight": 0.0}
     assert nsa.replace(**same) == dense.replace(**same)
     assert metrics["nsa-tiny"]["steps"] == metrics["dense-tiny"]["steps"] == nsa.max_steps
     assert metrics["nsa-tiny"]["tokens"] == metrics["dense-tiny"]["tokens"]
