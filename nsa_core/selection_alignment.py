@@ -22,6 +22,8 @@ compressed keys built from detached inputs (`Recipe.select_align_trains`, docs/t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn import functional as F
 
@@ -75,10 +77,9 @@ def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, k_cmp: torch.Tens
         target = _group_distribution(dense, candidate, config.slc_scores)  # [B, M, H, Ns]
         log_model = _group_log_distribution(log_importance, candidate, config.slc_scores)
         kl = (torch.xlogy(target, target) - target * log_model).sum(-1)  # [B, M, H]; log_model is finite
+        # A mean over the used (query, KV head) pairs, without a host-side branch: 0 when there are none.
         keep = ((positions >= 0) & candidate.any(-1))[..., None].expand_as(kl)
-        if not keep.any():
-            return log_importance.sum() * 0.0
-        return kl[keep].mean()
+        return (kl * keep).sum() / keep.sum().clamp_min(1)
 
 
 def dense_block_mass(q_at: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, *, slc_block: int,
@@ -113,7 +114,8 @@ def compressed_block_log_mass(q_at: torch.Tensor, k_cmp: torch.Tensor, pos: torc
     visible = visible | ~visible.any(-1, keepdim=True)
     log_p = torch.log_softmax(scores.masked_fill(~visible[:, :, None, None], -torch.inf), -1).clamp_min(LOG_ZERO)
     # Eq. 9 as a gather: block j's mass is the sum over the few compressed tokens that overlap it.
-    tokens, log_weight = _overlapping_tokens(Tc, masks.num_selection_blocks(seq_len, config.slc_block), config,
+    tokens, log_weight = _overlapping_tokens(Tc, masks.num_selection_blocks(seq_len, config.slc_block),
+                                             config.cmp_block, config.cmp_stride, config.slc_block,
                                              k_cmp.device)  # [Ns, K] each
     gathered = log_p[..., tokens.flatten()].unflatten(-1, tokens.shape)  # [B, M, H, G, Ns, K]
     return torch.logsumexp(gathered + log_weight.to(log_p.dtype), -1)
@@ -126,12 +128,14 @@ def candidate_blocks(pos: torch.Tensor, num_slc: int, *, config: NSAConfig) -> t
     return (torch.arange(num_slc, device=pos.device) <= (pos // config.slc_block)[..., None]) & ~forced
 
 
-def _overlapping_tokens(num_cmp: int, num_slc: int, config: NSAConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=16)
+def _overlapping_tokens(num_cmp: int, num_slc: int, cmp_block: int, cmp_stride: int, slc_block: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """For each selection block, the compressed tokens overlapping it and the log of their Eq. 9 weights
     (`masks.overlap_weights`): tokens [Ns, K] and log_weight [Ns, K] (LOG_ZERO on padding), K the most any
-    block has."""
-    weights = masks.overlap_weights(num_cmp, num_slc, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
-                                    slc_block=config.slc_block, device=device).T  # [Ns, Tc]
+    block has. Cached: every layer of every step asks for the same table, and K is read back from the device."""
+    weights = masks.overlap_weights(num_cmp, num_slc, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                                    slc_block=slc_block, device=device).T  # [Ns, Tc]
     top = weights.topk(int((weights > 0).sum(-1).max()), dim=-1)  # the nonzero weights, padded with zeros
     return top.indices, torch.where(top.values > 0, top.values.log(), LOG_ZERO)
 
