@@ -204,10 +204,10 @@ def tune(rows, errors, T, knobs=()):
                                    lambda f: setattr(ks, "REMAP_FIRST", f), select)
     chosen["select-split"] = sweep("select-split", narrow, [True, False],
                                    lambda f: setattr(ks, "SPLIT_MASK", f), select)
-    chosen["select-launch"] = sweep("select-launch", narrow, [(128, 8, 2), (128, 4, 2), (256, 8, 2), (64, 4, 2)],
+    chosen["select-launch"] = sweep("select-launch", narrow, [(64, 4, 3), (128, 8, 3), (128, 4, 3), (64, 8, 3)],
                                     lambda c: setattr(ks, "SELECT_LAUNCH", c), select)
-    chosen["select-merge"] = sweep("select-merge", narrow, [1, 2],
-                                   lambda m: setattr(ks, "MERGE_BLOCKS", m), select)
+    chosen["select-fill-first"] = sweep("select-fill-first", narrow, [True, False],
+                                        lambda f: setattr(ks, "FILL_FIRST", f), select)
     x = shapes["paper128"]
     x["idx"] = select(x)
     chosen["slc-group"] = sweep(

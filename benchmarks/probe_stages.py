@@ -42,8 +42,8 @@ from kernels.selected import run_selected  # noqa: E402
 
 SELECT_SOURCE = (ROOT / "kernels" / "select.py").read_text()
 MERGE_START = "        weakest = tl.min(top, 1)\n        rounds ="
-MERGE_END = "            cand = tl.where(cand == best[:, None], -1, cand)\n"
-CARRY = "                carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], 1), [BT, GP]), 1)\n"
+MERGE_END = "            cand = tl.where(cand == best[:, None], NONE, cand)\n"
+CARRY = "            carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], 1), [BT, GP]), 1)\n"
 REMAP = "x = tl.dot(p.to(tl.float16), w.to(tl.float16))"
 EXPONENTIALS = (("p = tl.exp2(s - lse_dead_inf[:, None])", "p = s - lse_dead_inf[:, None]"),
                 ("tl.exp2(s - lse[:, None])", "(s - lse[:, None])"))

@@ -10,13 +10,21 @@ No [T, Tc] or [T, Ns] matrix is ever stored. One program owns BT queries x the G
 (row r -> query r // GP, head r % GP, GP = G rounded up to a power of two so that the group sum is
 a reshape). It walks the candidate blocks in chunks of NB, reading the NB * l'/d compressed keys that
 start inside them; the last l/d - 1 of those also overlap the next chunk's first block, and that
-share is carried over in a [BT] register instead of re-reading keys. Every NM = MERGE_BLOCKS * NB
-blocks, the candidates are merged into the running top-n set: while a candidate beats the weakest
-chosen block, the best candidate replaces it. The state stays [BT, n] whatever the sequence length,
-and the rounds (cross-thread reductions) shrink as the set improves. Score and block id travel packed in
-one int64 (score bits high, so that integer order is score order for the non-negative scores;
-~id low, so that keys are unique and ties go to the lower block id, like the reference's stable
-sort). Excluded blocks get key -1.
+share is carried over in a [BT] register instead of re-reading keys. After each chunk, its NB
+candidates are merged into the running top-n set: while a candidate beats the weakest chosen block,
+the best candidate replaces it. The state stays [BT, n] whatever the sequence length, and the rounds
+(cross-thread reductions) shrink as the set improves; when n = NB the first chunk fills the empty
+set without rounds (FILL_FIRST).
+
+The merge compares int32 keys: the score's float32 bits (non-negative, so integer order is score
+order) with the lowest KEY_BITS of the mantissa replaced by a tag that makes every key of a row
+unique: NB - 1 - jl for a candidate (ties within a chunk go to the lower block id) and NB + slot for
+a chosen block (ties with a later chunk's candidate go to the chosen, lower id). The block ids live
+beside the keys in an int32 [BT, n] array. Scores that agree in their top 23 - KEY_BITS mantissa bits
+(18 for the paper's n = 16) count as ties, which may be broken differently from the reference's
+stable sort. The profile that led here: with int64 keys holding the whole score and the id, the
+merge rounds were half of the kernel's instructions and the ALU pipe was the bottleneck (Nsight
+Compute, G = 4, 64k, H200). Excluded blocks get the smallest int32.
 
 The Eq. 9 remap runs first, per (query, head) row, as one tensor-core product of p (float16 for
 16-bit inputs, like flash attention's P) with the [BC, NB] overlap weights; the group sum then adds
@@ -24,8 +32,8 @@ G rows of the NB-wide result (REMAP_FIRST; the earlier order summed the [R, BC] 
 
 Shapes: any G from 1 to 64, Dk up to 256, any T, TQ < TK with q_start (int or [B]), l/d and l'/d any
 positive integers with l - d <= l'. Tested: float32 under TRITON_INTERPRET=1 (Triton 3.9) and
-bfloat16 on an NVIDIA H100 and an NVIDIA H200 (Triton 3.6) up to T = 16k. Known limits: forward only; fewer than 2^20
-selection blocks; a NaN score (from NaN inputs) is ranked above every finite one instead of raising.
+bfloat16 on an NVIDIA H100 and an NVIDIA H200 (Triton 3.6) up to T = 16k. Known limits: forward only; near-ties
+as above; a NaN score (from NaN inputs) is ranked above every finite one instead of raising.
 """
 
 from __future__ import annotations
@@ -45,10 +53,6 @@ from .common import (
     resolve_scale,
 )
 
-# Blocks scored between two top-n merges, in units of the NB blocks one score tile covers. 1 measured
-# fastest on an H100 (the merge rounds shrink as the set improves); the interpreter uses 2 so that the
-# CPU tests exercise the multi-tile candidate list too.
-MERGE_BLOCKS = 1
 # Eq. 9 remap before the group sum, as one tensor-core product per (query, head) row (True), or the
 # group sum first on the [BT, BC] probabilities and the remap after it (False, the earlier kernel).
 REMAP_FIRST = True
@@ -58,8 +62,8 @@ REMAP_FIRST = True
 SPLIT_MASK = True
 # (rows per program = BT * GP, num_warps, num_stages) on a GPU; rows drop to 64 for Dk or chunks over 128.
 SELECT_LAUNCH = (64, 4, 3)
-ID_BITS = 20  # block ids live in the low bits of the packed sort key
-MAX_BLOCKS = 1 << ID_BITS
+# With n = NB, put the first chunk's candidates straight into the empty set (False: merge them in rounds).
+FILL_FIRST = True
 
 
 @triton.jit(do_not_specialize=["TQ", "TC"])
@@ -69,15 +73,16 @@ def _select_blocks_kernel(
     sqb, sqt, sqh, skb, skt, skh, slb, slt, slh,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
-    TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, NM: tl.constexpr, BC: tl.constexpr,
+    TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, BC: tl.constexpr,
     INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, REMAP_FIRST: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, FILL: tl.constexpr, KEY_BITS: tl.constexpr,
 ):
     R: tl.constexpr = BT * GP
     PER_BLOCK: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
     SPAN: tl.constexpr = CMP_BLOCK // CMP_STRIDE  # stride units one compressed token covers
     CHUNK: tl.constexpr = NB * PER_BLOCK  # compressed tokens starting in one chunk of NB blocks (<= BC)
-    ID_MASK: tl.constexpr = (1 << 20) - 1  # 20 = ID_BITS
+    TAG: tl.constexpr = (1 << KEY_BITS) - 1  # the low key bits that hold the tag
+    NONE: tl.constexpr = -(1 << 31)  # the key of an excluded block or a taken candidate
 
     # The work grows with the position: the longest tiles go first, so that the short ones fill the tail.
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -127,60 +132,57 @@ def _select_blocks_kernel(
 
     carry = tl.zeros([BT], tl.float32)
     col = tl.arange(0, NP)
-    colm = tl.arange(0, NM)
-    # Packed keys of the chosen blocks so far, as an unordered set. Empty slots hold distinct negative
+    # Keys and ids of the chosen blocks so far, as an unordered set. Empty slots hold distinct negative
     # keys (so that the minimum is always one slot) and slots past TOP_N a key nothing can displace.
-    slots = tl.zeros([BT, NP], tl.int64) + col[None, :]
-    top = tl.where(slots < TOP_N, -1 - slots, (1 << 62))
+    slots = tl.zeros([BT, NP], tl.int32) + col[None, :]
+    top = tl.where(slots < TOP_N, -1 - slots, (1 << 31) - 1)
+    top_id = tl.full([BT, NP], -1, tl.int32)
+    slot_tag = NB + col  # [NP]
     kc_base = KC + b64 * skb + h * skh
-    for m0 in range(0, last_block + 1, NM):
-        # Score NM blocks, NB at a time, into one candidate list, then merge once: the merge rounds are
-        # cross-thread reductions, so they are paid once per NM blocks rather than once per NB.
-        cand = tl.full([BT, NM], -1, tl.int64)
-        for sub in tl.static_range(NM // NB):
-            j0 = m0 + sub * NB
-            i = j0 * PER_BLOCK + i_loc  # [BC] compressed token ids
-            i_ok = (i_loc < CHUNK) & (i < TC)
-            kt = tl.load(kc_base + i.to(tl.int64)[None, :] * skt + dk[:, None],
-                         mask=i_ok[None, :] & (dk[:, None] < DK), other=0.0)  # [BDK, BC]
-            s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, BC]
-            if j0 * PER_BLOCK + BC <= seen_all_or_0:
-                p = tl.exp2(s - lse_dead_inf[:, None])
+    for j0 in range(0, last_block + 1, NB):
+        i = j0 * PER_BLOCK + i_loc  # [BC] compressed token ids
+        i_ok = (i_loc < CHUNK) & (i < TC)
+        kt = tl.load(kc_base + i.to(tl.int64)[None, :] * skt + dk[:, None],
+                     mask=i_ok[None, :] & (dk[:, None] < DK), other=0.0)  # [BDK, BC]
+        s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, BC]
+        if j0 * PER_BLOCK + BC <= seen_all_or_0:
+            p = tl.exp2(s - lse_dead_inf[:, None])
+        else:
+            live = row_live[:, None] & i_ok[None, :] & (i[None, :] < seen_row[:, None])
+            p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
+        if REMAP_FIRST:
+            # Eq. 9 on the tensor cores for every (query, head) row, then the group sum on the
+            # NB-wide result: the reshape moves [R, NB] through shared memory instead of [R, BC].
+            if PREC == "ieee":  # noqa: SIM108 (a constexpr branch: only the taken side compiles)
+                x = tl.dot(p, w, input_precision="ieee")  # [R, NB]
             else:
-                live = row_live[:, None] & i_ok[None, :] & (i[None, :] < seen_row[:, None])
-                p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
-            if REMAP_FIRST:
-                # Eq. 9 on the tensor cores for every (query, head) row, then the group sum on the
-                # NB-wide result: the reshape moves [R, NB] through shared memory instead of [R, BC].
-                if PREC == "ieee":
-                    x = tl.dot(p, w, input_precision="ieee")  # [R, NB]
-                else:
-                    # p in [0, 1] as float16 (the mantissa of tf32) stays in registers as the A operand,
-                    # like the P of flash attention; the weights are small integers, exact.
-                    x = tl.dot(p.to(tl.float16), w.to(tl.float16))
-                blk = tl.sum(tl.reshape(x, [BT, GP, NB]), 1)  # [BT, NB] group sum (Eq. 10)
-                blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
-                carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], 1), [BT, GP]), 1)
+                # p in [0, 1] as float16 (the mantissa of tf32) stays in registers as the A operand,
+                # like the P of flash attention; the weights are small integers, exact.
+                x = tl.dot(p.to(tl.float16), w.to(tl.float16))
+            blk = tl.sum(tl.reshape(x, [BT, GP, NB]), 1)  # [BT, NB] group sum (Eq. 10)
+            blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
+            carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], 1), [BT, GP]), 1)
+        else:
+            p = tl.sum(tl.reshape(p, [BT, GP, BC]), 1)  # [BT, BC] group sum (Eq. 10)
+            # A statement-level constexpr branch: Triton compiles only the taken side (tl.dot needs 16 rows).
+            if BT >= 16:  # noqa: SIM108
+                blk = tl.dot(p, w, input_precision="ieee")  # [BT, NB]
             else:
-                p = tl.sum(tl.reshape(p, [BT, GP, BC]), 1)  # [BT, BC] group sum (Eq. 10)
-                # A statement-level constexpr branch: Triton compiles only the taken side (tl.dot needs 16 rows).
-                if BT >= 16:  # noqa: SIM108
-                    blk = tl.dot(p, w, input_precision="ieee")  # [BT, NB]
-                else:
-                    blk = tl.sum(p[:, :, None] * w[None, :, :], 1)
-                blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
-                carry = tl.sum(p * w_next[None, :], 1)
+                blk = tl.sum(p[:, :, None] * w[None, :, :], 1)
+            blk = tl.where(jl[None, :] == 0, blk + carry[:, None], blk)
+            carry = tl.sum(p * w_next[None, :], 1)
 
-            j = j0 + jl  # [NB] global block ids
-            forced = (j[None, :] < INIT) | ((j[None, :] > cur[:, None] - LOCAL) & (j[None, :] <= cur[:, None]))
-            score = tl.where(forced, float("inf"), blk)
-            key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 20) | (ID_MASK - j)[None, :]  # 20 = ID_BITS
-            key = tl.where(j[None, :] <= cur[:, None], key, -1)
-            if NM == NB:
-                cand = key
-            else:  # columns sub*NB .. sub*NB + NB - 1 of the candidate list
-                spread = tl.reshape(tl.broadcast_to(key[:, None, :], [BT, NM // NB, NB]), [BT, NM])
-                cand = tl.where((colm // NB == sub)[None, :], spread, cand)
+        j = j0 + jl  # [NB] global block ids
+        forced = (j[None, :] < INIT) | ((j[None, :] > cur[:, None] - LOCAL) & (j[None, :] <= cur[:, None]))
+        score = tl.where(forced, float("inf"), blk)
+        cand = (score.to(tl.int32, bitcast=True) & ~TAG) | (NB - 1 - jl)[None, :]
+        cand = tl.where(j[None, :] <= cur[:, None], cand, NONE)
+        if FILL:
+            # n = NB: every candidate of the first chunk is taken, straight into its slot.
+            take = (j0 == 0) & (cand >= 0)
+            top = tl.where(take, (cand & ~TAG) | slot_tag[None, :], top)
+            top_id = tl.where(take, j.to(tl.int32)[None, :], top_id)
+            cand = tl.where(j0 == 0, NONE, cand)
         # Merge: while some candidate beats the weakest chosen block, the best candidate replaces it.
         # Keys are unique, so each round moves exactly one block per row; rows with nothing left skip.
         weakest = tl.min(top, 1)
@@ -188,23 +190,29 @@ def _select_blocks_kernel(
         for _ in range(rounds):
             best = tl.max(cand, 1)
             weakest = tl.min(top, 1)
-            swap = (best >= 0) & (best > weakest)
-            top = tl.where((top == weakest[:, None]) & swap[:, None], best[:, None], top)
-            cand = tl.where(cand == best[:, None], -1, cand)
+            swap = (top == weakest[:, None]) & (best > weakest)[:, None]
+            top = tl.where(swap, (best & ~TAG)[:, None] | slot_tag[None, :], top)
+            top_id = tl.where(swap, (j0 + NB - 1 - (best & TAG)).to(tl.int32)[:, None], top_id)
+            cand = tl.where(cand == best[:, None], NONE, cand)
 
     # Ascending ids, then -1: TOP_N rounds of "take the smallest remaining id".
-    ids = tl.where((top >= 0) & (col[None, :] < TOP_N), ID_MASK - (top & ID_MASK), ID_MASK + 1)
+    ids = tl.where((top_id >= 0) & (col[None, :] < TOP_N), top_id, (1 << 31) - 1)
     out_ids = tl.full([BT, NP], -1, tl.int32)
     for slot in tl.static_range(TOP_N):
         least = tl.min(ids, 1)[:, None]
-        out_ids = tl.where(col[None, :] == slot, tl.where(least > ID_MASK, -1, least).to(tl.int32), out_ids)
-        ids = tl.where(ids == least, ID_MASK + 1, ids)
+        out_ids = tl.where(col[None, :] == slot, tl.where(least == (1 << 31) - 1, -1, least), out_ids)
+        ids = tl.where(ids == least, (1 << 31) - 1, ids)
     out = IDX + ((b64 * TQ + tq) * H + h)[:, None] * TOP_N + col[None, :]
     tl.store(out, out_ids, mask=tq_ok[:, None] & (col[None, :] < TOP_N))
 
 
+def key_bits(nb: int, top_n: int) -> int:
+    """Low key bits the merge's tags take: candidates are tagged 0..NB-1, chosen slots NB..NB+NP-1."""
+    return (nb + pow2(top_n) - 1).bit_length()
+
+
 def _launch_config(G: int, dk: int, top_n: int, per_block: int, on_gpu: bool):
-    """(GP, BT, NB, NM, BC, num_warps, num_stages) for the selection kernel."""
+    """(GP, BT, NB, BC, num_warps, num_stages) for the selection kernel."""
     gp = pow2(G)
     nb = 16
     # Chunks of about 64..128 compressed keys keep the score tile [R, BC] in registers.
@@ -212,11 +220,11 @@ def _launch_config(G: int, dk: int, top_n: int, per_block: int, on_gpu: bool):
         nb *= 2
     bc = pow2(nb * per_block, 16)
     if not on_gpu:  # the interpreter pays per operation, not per element: few, large programs
-        return gp, max(1, 64 // gp), nb, 2 * nb, bc, 4, 1
+        return gp, max(1, 64 // gp), nb, bc, 4, 1
     rows, warps, stages = SELECT_LAUNCH
     rows = min(rows, 64) if max(pow2(dk), bc) > 128 else rows
     bt = max(1, rows // gp)
-    return gp, bt, nb, MERGE_BLOCKS * nb, bc, warps, stages
+    return gp, bt, nb, bc, warps, stages
 
 
 def select_blocks(q, k_cmp, lse, *, cmp_block, cmp_stride, slc_block, top_n, scale=None, q_start=None,
@@ -254,13 +262,10 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
     B, TQ, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
-    last_pos = int(pos0.max()) + TQ - 1 if B * TQ else 0
-    if last_pos // slc_block >= MAX_BLOCKS:
-        raise ValueError(f"{last_pos + 1} tokens make more than {MAX_BLOCKS} selection blocks of {slc_block}")
     q, k_cmp = last_dim_contiguous(q), last_dim_contiguous(k_cmp)
     lse = lse.float()
     idx = torch.empty(B, TQ, H, top_n, device=q.device, dtype=torch.int32)
-    gp, bt, nb, nm, bc, warps, stages = _launch_config(G, DK, top_n, slc_block // cmp_stride, q.is_cuda)
+    gp, bt, nb, bc, warps, stages = _launch_config(G, DK, top_n, slc_block // cmp_stride, q.is_cuda)
     if B * TQ * H:
         grid = (triton.cdiv(TQ, bt), B * H)
         _select_blocks_kernel[grid](
@@ -268,8 +273,9 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
             q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
             G=G, GP=gp, BT=bt, DK=DK, BLOCK_DK=pow2(DK, 16), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-            SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, NM=nm, BC=bc, INIT=init_blocks,
+            SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, BC=bc, INIT=init_blocks,
             LOCAL=local_blocks, PREC=dot_precision(q.dtype), REMAP_FIRST=REMAP_FIRST,
-            SPLIT=SPLIT_MASK, num_warps=warps, num_stages=stages,
+            SPLIT=SPLIT_MASK, FILL=FILL_FIRST and nb == top_n, KEY_BITS=key_bits(nb, top_n),
+            num_warps=warps, num_stages=stages,
         )
     return idx

@@ -151,15 +151,19 @@ def test_select_blocks_other_geometries(geometry):
     assert_same_selection(idx, idx_ref, scores, torch.arange(70)[None].expand(2, 70), slc_block=ls)
 
 
-@pytest.mark.parametrize("variant", [(True, True), (False, False)], ids=["remap-first-split", "sum-first-masked"])
+@pytest.mark.parametrize("variant", [(True, True, True, 16), (True, True, False, 16), (False, False, False, 6)],
+                         ids=["remap-first-split-fill", "first-chunk-in-rounds", "sum-first-masked"])
 def test_select_blocks_across_score_chunks_and_merges(variant, monkeypatch):
     """80 selection blocks: several score tiles and top-n merges, and the overlap carried between tiles;
-    late tiles see whole chunks (the unmasked branch). Both kernel variants the benchmark can pick."""
+    late tiles see whole chunks (the unmasked branch). The kernel variants the benchmark can pick; with
+    n = 16 = NB the first chunk can fill the set directly (FILL_FIRST)."""
     from kernels import select as select_mod
 
-    monkeypatch.setattr(select_mod, "REMAP_FIRST", variant[0])
-    monkeypatch.setattr(select_mod, "SPLIT_MASK", variant[1])
-    l, d, ls, n = 8, 4, 8, 6
+    remap_first, split, fill, n = variant
+    monkeypatch.setattr(select_mod, "REMAP_FIRST", remap_first)
+    monkeypatch.setattr(select_mod, "SPLIT_MASK", split)
+    monkeypatch.setattr(select_mod, "FILL_FIRST", fill)
+    l, d, ls = 8, 4, 8
     q, _, _ = _qkv(1, 640, 640, 1, 2)
     k_cmp = torch.randn(1, (640 - l) // d + 1, 1, 16)
     _, lse = ref.compressed_attention(q, k_cmp, k_cmp, cmp_block=l, cmp_stride=d)
@@ -171,7 +175,7 @@ def test_select_blocks_across_score_chunks_and_merges(variant, monkeypatch):
 
 
 def test_select_blocks_top_n_larger_than_one_merges_candidates():
-    """n = 40 of 80 blocks, more than the 32 candidates one merge takes in (the top-n set is padded)."""
+    """n = 40 of 80 blocks, more than the 16 candidates one merge takes in (the top-n set is padded)."""
     l, d, ls, n = 8, 4, 8, 40
     q, _, _ = _qkv(1, 48, 48, 1, 2)
     k_cmp = torch.randn(1, (640 - l) // d + 1, 1, 16)
