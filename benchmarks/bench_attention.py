@@ -225,8 +225,9 @@ def tune(rows, errors, T, knobs=()):
                                         config=cfg["paper128" if x["q"].shape[2] == 64 else "small"]))
     x = shapes["small"]
     x["idx"] = select(x)
-    chosen["slc-block-rows"] = sweep(
-        "slc-block-rows", [("small", x)], [64, 128], lambda r: setattr(kslc, "BLOCK_PATH_ROWS", r),
+    chosen["slc-block-launch"] = sweep(
+        "slc-block-launch", [("small", x)], [(128, 4, 2), (128, 8, 2), (256, 8, 2), (64, 4, 2), (64, 2, 2)],
+        lambda c: setattr(kslc, "BLOCK_PATH_LAUNCH", c),
         lambda x: run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"],
                                path="block"))
     return chosen

@@ -191,8 +191,9 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
 GROUP_LAUNCH = {"narrow": (64, 4, 3), "wide": (32, 4, 3)}
 # Groups up to this size take the block-centric path by default.
 BLOCK_PATH_MAX_GROUP = 8
-# Rows (pairs x G) per block-centric program on a GPU: more pairs per program, fewer re-reads of a block.
-BLOCK_PATH_ROWS = 128
+# Block-centric launch on a GPU: (rows = pairs x G per program, num_warps, num_stages). More pairs per
+# program, fewer re-reads of a block.
+BLOCK_PATH_LAUNCH = (128, 4, 2)
 
 
 def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, flags):
@@ -201,7 +202,8 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, f
     G, n = HQ // H, block_idx.shape[-1]
     num_slc = triton.cdiv(TK, common["SLC_BLOCK"])
     num_seg = B * H * num_slc
-    block_r = max(BLOCK_PATH_ROWS if q.is_cuda else 32, pow2(G, 16))
+    rows, warps, stages = BLOCK_PATH_LAUNCH if q.is_cuda else (32, 4, 1)
+    block_r = max(rows, pow2(G, 16))
     per_prog = block_r // G  # (query, slot) pairs per program
 
     # Pairs (b, t, h, slot) sorted by segment (b, h, block); empty slots (and forced blocks when their
@@ -233,7 +235,7 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, f
         scale * LOG2E, TQ, TK, H, num_seg, num_slc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        N_SLOTS=n, BLOCK_R=block_r, num_warps=4, num_stages=2, **common,
+        N_SLOTS=n, BLOCK_R=block_r, num_warps=warps, num_stages=stages, **common,
     )
     gp, block_dv = pow2(G), pow2(DV, 16)  # a [GP, BLOCK_DV] tile per slot: one warp per 512 elements, up to 4
     _merge_partials_kernel[(B * TQ * H,)](
