@@ -22,7 +22,10 @@ unique: NB - 1 - jl for a candidate (ties within a chunk go to the lower block i
 a chosen block (ties with a later chunk's candidate go to the chosen, lower id). The block ids live
 beside the keys in an int32 [BT, n] array. Scores that agree in their top 23 - KEY_BITS mantissa bits
 (18 for the paper's n = 16) count as ties, which may be broken differently from the reference's
-stable sort. The profile that led here: with int64 keys holding the whole score and the id, the
+stable sort. Among chosen blocks of equal score, the one a better candidate displaces is the one in
+the lowest slot, not always the highest id as in the reference: with uniform compressed attention and
+n = 16, for instance, a query can keep blocks 2-14 where the reference keeps 1-13. The chosen scores
+are the same either way. The profile that led here: with int64 keys holding the whole score and the id, the
 merge rounds were half of the kernel's instructions and the ALU pipe was the bottleneck (Nsight
 Compute, G = 4, 64k, H200). Excluded blocks get the smallest int32.
 
