@@ -20,14 +20,14 @@ The merge compares int32 keys: the score's float32 bits (non-negative, so intege
 order) with the lowest KEY_BITS of the mantissa replaced by a tag that makes every key of a row
 unique: NB - 1 - jl for a candidate (ties within a chunk go to the lower block id) and NB + slot for
 a chosen block (ties with a later chunk's candidate go to the chosen, lower id). The block ids live
-beside the keys in an int32 [BT, n] array. Scores that agree in their top 23 - KEY_BITS mantissa bits
-(18 for the paper's n = 16) count as ties, which may be broken differently from the reference's
+beside the keys in an int32 [BT, n] array. Scores that agree in their top 23 - KEY_BITS mantissa
+bits (18 for the paper's n = 16) count as ties, which may be broken differently from the reference's
 stable sort. Among chosen blocks of equal score, the one a better candidate displaces is the one in
-the lowest slot, not always the highest id as in the reference: with uniform compressed attention and
-n = 16, for instance, a query can keep blocks 2-14 where the reference keeps 1-13. The chosen scores
-are the same either way. The profile that led here: with int64 keys holding the whole score and the id, the
-merge rounds were half of the kernel's instructions and the ALU pipe was the bottleneck (Nsight
-Compute, G = 4, 64k, H200). Excluded blocks get the smallest int32.
+the lowest slot, not always the highest id as in the reference: with uniform compressed attention
+and n = 16, for instance, a query can keep blocks 2-14 where the reference keeps 1-13. The chosen
+scores are the same either way. The profile that led here: with int64 keys holding the whole score
+and the id, the merge rounds were half of the kernel's instructions and the ALU pipe was the
+bottleneck (Nsight Compute, G = 4, 64k, H200). Excluded blocks get the smallest int32.
 
 The Eq. 9 remap runs first, per (query, head) row, as one tensor-core product of p (float16 for
 16-bit inputs, like flash attention's P) with the [BC, NB] overlap weights; the group sum then adds
@@ -194,9 +194,9 @@ def _select_blocks_kernel(
         for _ in range(rounds):
             best = tl.max(cand, 1)
             weakest = tl.min(top, 1)
-            swap = (top == weakest[:, None]) & (best > weakest)[:, None]
-            top = tl.where(swap, (best & ~TAG)[:, None] | slot_tag[None, :], top)
-            top_id = tl.where(swap, (j0 + NB - 1 - (best & TAG)).to(tl.int32)[:, None], top_id)
+            displaced = (top == weakest[:, None]) & (best > weakest)[:, None]
+            top = tl.where(displaced, (best & ~TAG)[:, None] | slot_tag[None, :], top)
+            top_id = tl.where(displaced, (j0 + NB - 1 - (best & TAG)).to(tl.int32)[:, None], top_id)
             cand = tl.where(cand == best[:, None], NONE, cand)
 
     # Ascending ids, then -1: TOP_N rounds of "take the smallest remaining id".
