@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import dataclasses
 import json
 import math
@@ -210,6 +211,21 @@ def forward_logits(model: NSALM, ids: torch.Tensor, ops) -> torch.Tensor:
     return model.lm_head(model.norm(x)).float()
 
 
+@contextlib.contextmanager
+def _keeping_compressor_inputs(model: NSALM, into: list[torch.Tensor] | None):
+    """While active, append each layer's un-rotated keys (its key compressor's input) to `into`; None: nothing."""
+    if into is None:
+        yield
+        return
+    handles = [layer.attn.k_compress.register_forward_hook(lambda module, inputs, output: into.append(inputs[0]))
+               for layer in model.layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class TrainingLoss(nn.Module):
     """The module DDP wraps: (inputs, targets, answer) [B, T] -> (weighted loss, text loss, answer accuracy,
     selection-alignment loss); the last is 0 unless the recipe's select_align_weight is."""
@@ -224,14 +240,6 @@ class TrainingLoss(nn.Module):
         self.select_align_weight = recipe.select_align_weight
         self.select_align_queries = recipe.select_align_queries
         self.compressor_only = recipe.select_align_trains == "compressor"
-        self._raw_keys: list[torch.Tensor] | None = None  # each NSA layer's un-rotated cmp keys, while recording
-        if self.select_align_weight > 0 and self.compressor_only:
-            for layer in model.layers:
-                layer.attn.k_compress.register_forward_hook(self._keep_raw_keys)
-
-    def _keep_raw_keys(self, module, inputs, output) -> None:
-        if self._raw_keys is not None:
-            self._raw_keys.append(inputs[0])
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, answer: torch.Tensor):
         ops = self.ops
@@ -241,9 +249,9 @@ class TrainingLoss(nn.Module):
             scale[:, 0, 0, 1] = (~off).float()
             ops = _GateScaledOps(ops, scale)
         recorder = _RecordingOps(ops) if self.select_align_weight > 0 else None
-        self._raw_keys = [] if recorder is not None and self.compressor_only else None
-        logits = forward_logits(self.model, inputs, recorder or ops)  # [B, T, V]
-        raw_keys, self._raw_keys = self._raw_keys, None
+        raw_keys = [] if recorder is not None and self.compressor_only else None
+        with _keeping_compressor_inputs(self.model, raw_keys):
+            logits = forward_logits(self.model, inputs, recorder or ops)  # [B, T, V]
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         weights = 1.0 + (self.answer_weight - 1.0) * answer.float()
         if self.first_answer_weight is not None:
