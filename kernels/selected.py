@@ -194,63 +194,45 @@ BLOCK_PATH_MAX_GROUP = 8
 # Block-centric launch on a GPU: (rows = pairs x G per program, num_warps, num_stages). More pairs per
 # program, fewer re-reads of a block.
 BLOCK_PATH_LAUNCH = (128, 4, 2)
-# Queries per chunk of the block path's work order (0: one chunk). The pairs are sorted by (query chunk,
-# batch, KV head, block), so that the programs running at one time gather their q rows from one chunk
-# of queries (4096 x HQ x Dk x 2 bytes: 16 MB at HQ = 16, Dk = 128), which L2 holds, instead of from the
-# whole sequence. Capped at BLOCK_PATH_MAX_CHUNKS chunks: each chunk adds a segment per block, and the
-# launch reserves one program per possible segment (idle ones exit at once).
-BLOCK_PATH_QUERY_CHUNK = 4096
-BLOCK_PATH_MAX_CHUNKS = 16
 
 
 def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, flags):
     B, TQ, HQ, DK = q.shape
     TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
     G, n = HQ // H, block_idx.shape[-1]
-    dev = q.device
     num_slc = triton.cdiv(TK, common["SLC_BLOCK"])
+    num_seg = B * H * num_slc
     rows, warps, stages = BLOCK_PATH_LAUNCH if q.is_cuda else (32, 4, 1)
     block_r = max(rows, pow2(G, 16))
     per_prog = block_r // G  # (query, slot) pairs per program
-    chunk = TQ
-    if BLOCK_PATH_QUERY_CHUNK:
-        chunk = max(BLOCK_PATH_QUERY_CHUNK, triton.cdiv(TQ, BLOCK_PATH_MAX_CHUNKS))
-    num_chunks = triton.cdiv(TQ, chunk)
-    num_kv = B * H * num_slc  # (b, h, block) triples
-    num_seg = num_chunks * num_kv  # segments: (query chunk, b, h, block)
 
-    # Pairs (b, t, h, slot) sorted by segment; empty slots (and forced blocks when their attention comes
-    # precomputed) sort last and are never read.
+    # Pairs (b, t, h, slot) sorted by segment (b, h, block); empty slots (and forced blocks when their
+    # attention comes precomputed) sort last and are never read.
     ids = block_idx.long()
-    t = torch.arange(TQ, device=dev)[None, :, None, None]
-    bh = torch.arange(B, device=dev)[:, None, None, None] * H + torch.arange(H, device=dev)[None, None, :, None]
+    bh = (torch.arange(B, device=q.device)[:, None, None, None] * H
+          + torch.arange(H, device=q.device)[None, None, :, None])  # [B, 1, H, 1]
     keep = ids >= 0
     if flags["FORCED"]:
-        cur = (pos0[:, None, None, None] + t) // common["SLC_BLOCK"]
+        cur = ((pos0[:, None] + torch.arange(TQ, device=q.device)[None, :]) // common["SLC_BLOCK"])[:, :, None, None]
         keep &= (ids >= flags["INIT"]) & (ids <= cur - flags["LOCAL"])
-    seg = torch.where(keep, ((t // chunk) * (B * H) + bh) * num_slc + ids, num_seg).flatten()  # [B*TQ*H*n]
+    seg = torch.where(keep, bh * num_slc + ids, num_seg).flatten()  # [B*TQ*H*n]
     seg = seg.to(torch.int32) if num_seg < 2**31 else seg
     seg_sorted, order = torch.sort(seg, stable=True)
     # Where each segment's run starts in the sorted pairs (searchsorted, unlike bincount, needs no sync).
-    bounds = torch.searchsorted(seg_sorted, torch.arange(num_seg + 1, device=dev, dtype=seg_sorted.dtype))
+    bounds = torch.searchsorted(seg_sorted, torch.arange(num_seg + 1, device=q.device, dtype=seg_sorted.dtype))
     seg_start, counts = bounds[:-1], bounds[1:] - bounds[:-1]
     chunks = (counts + per_prog - 1) // per_prog
     chunk_end = torch.cumsum(chunks, 0)
     # Upper bound on the number of programs, so that no device-to-host sync is needed.
     grid = triton.cdiv(seg.numel(), per_prog) + num_seg
-    # Each program's pairs: [first, first + count) of the sorted order, all in one segment, whose (b, h,
-    # block) is prog_kv. Worked out here, so that the kernel's first loads depend on nothing.
-    pid = torch.arange(grid, device=dev)
-    prog_seg = torch.searchsorted(chunk_end, pid, right=True).clamp_(max=num_seg - 1)
-    prog_first = seg_start[prog_seg] + (pid - (chunk_end - chunks)[prog_seg]) * per_prog
-    prog_count = (seg_start[prog_seg] + counts[prog_seg] - prog_first).clamp_(0, per_prog).to(torch.int32)
-    prog_kv = (prog_seg % num_kv).to(torch.int32)
+    prog_seg = torch.searchsorted(chunk_end, torch.arange(grid, device=q.device), right=True).to(torch.int32)
+    chunk_start = (chunk_end - chunks).to(torch.int32)
 
-    o_part = torch.empty(B * TQ * H * n, G, DV, device=dev, dtype=q.dtype)
-    lse_part = torch.empty(B * TQ * H * n, G, device=dev, dtype=torch.float32)
+    o_part = torch.empty(B * TQ * H * n, G, DV, device=q.device, dtype=q.dtype)
+    lse_part = torch.empty(B * TQ * H * n, G, device=q.device, dtype=torch.float32)
     _selected_block_kernel[(grid,)](
-        q, k, v, order, prog_kv, prog_first, prog_count, o_part, lse_part, pos0,
-        scale * LOG2E, TQ, TK, H, num_slc,
+        q, k, v, order, prog_seg, chunk_start, seg_start, counts, o_part, lse_part, pos0,
+        scale * LOG2E, TQ, TK, H, num_seg, num_slc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         N_SLOTS=n, BLOCK_R=block_r, num_warps=warps, num_stages=stages, **common,
@@ -264,49 +246,30 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, f
 
 
 @triton.jit
-def _block_kv_tile(k_base, v_base, j, off, TK, skt, svt, DK: tl.constexpr, DV: tl.constexpr,
-                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [off, off + BLOCK_N) of selection block j: kt [BDK, N], vt [N, BDV], positions n [N] and n_ok."""
-    offs = tl.arange(0, BLOCK_N)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    n = j.to(tl.int64) * SLC_BLOCK + off + offs
-    n_ok = (off + offs < SLC_BLOCK) & (n < TK)
-    kt = tl.load(k_base + n[None, :] * skt + dk[:, None], mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)
-    vt = tl.load(v_base + n[:, None] * svt + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    return kt, vt, n, n_ok
-
-
-@triton.jit
 def _selected_block_kernel(
-    Q, K, V, ORDER, PROG_KV, PROG_FIRST, PROG_COUNT, O_PART, LSE_PART, POS0,
-    scale_log2, TQ, TK, H, NUM_SLC,
+    Q, K, V, ORDER, PROG_SEG, CHUNK_START, SEG_START, COUNTS, O_PART, LSE_PART, POS0,
+    scale_log2, TQ, TK, H, NUM_SEG, NUM_SLC,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr,
     PREC: tl.constexpr,
 ):
     PAIRS: tl.constexpr = BLOCK_R // G
-    TILES: tl.constexpr = (SLC_BLOCK + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
-    kv = tl.load(PROG_KV + pid)  # (b * H + h) * NUM_SLC + j: the block j every pair of this program selected
-    first = tl.load(PROG_FIRST + pid)
-    count = tl.load(PROG_COUNT + pid)
-    if count > 0:
-        j = kv % NUM_SLC
-        b = kv // NUM_SLC // H
-        h = kv // NUM_SLC % H
+    seg = tl.load(PROG_SEG + pid)
+    if seg < NUM_SEG:
+        j = seg % NUM_SLC  # the block every pair of this program selected
+        bh = seg // NUM_SLC
+        b = bh // H
+        h = bh % H
         b64 = b.to(tl.int64)
-        k_base = K + b64 * skb + h * skh
-        v_base = V + b64 * svb + h * svh
-        # The block's first tile is loaded ahead of the q gather, whose addresses need one more load.
-        kt, vt, n, n_ok = _block_kv_tile(k_base, v_base, j, 0, TK, skt, svt, DK, DV, BLOCK_DK, BLOCK_DV,
-                                         SLC_BLOCK, BLOCK_N)
+        first = tl.load(SEG_START + seg) + (pid - tl.load(CHUNK_START + seg)).to(tl.int64) * PAIRS
+        last = tl.load(SEG_START + seg) + tl.load(COUNTS + seg)
 
         r = tl.arange(0, BLOCK_R)
-        pair = r // G
-        row_ok = (r < PAIRS * G) & (pair < count)
-        e = tl.load(ORDER + first + pair, mask=row_ok, other=0)  # flat (b, t, h, slot) index
+        pair = first + r // G
+        row_ok = (r < PAIRS * G) & (pair < last)
+        e = tl.load(ORDER + pair, mask=row_ok, other=0)  # flat (b, t, h, slot) index
         t = (e // (H * N_SLOTS)) % TQ
         g = r % G
         pos = tl.load(POS0 + b) + t  # [R]
@@ -318,10 +281,12 @@ def _selected_block_kernel(
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
-        for tile in tl.static_range(TILES):
-            if tile > 0:
-                kt, vt, n, n_ok = _block_kv_tile(k_base, v_base, j, tile * BLOCK_N, TK, skt, svt, DK, DV,
-                                                 BLOCK_DK, BLOCK_DV, SLC_BLOCK, BLOCK_N)
+        offs = tl.arange(0, BLOCK_N)
+        for off in range(0, SLC_BLOCK, BLOCK_N):
+            n = j.to(tl.int64) * SLC_BLOCK + off + offs  # [N]
+            n_ok = (off + offs < SLC_BLOCK) & (n < TK)
+            kt = tl.load(K + b64 * skb + h * skh + n[None, :] * skt + dk[:, None],
+                         mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)  # [BDK, N]
             s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, N]
             s = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -329,6 +294,8 @@ def _selected_block_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(V + b64 * svb + h * svh + n[:, None] * svt + dv[None, :],
+                         mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)  # [N, BDV]
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
             m_i = m_new
 

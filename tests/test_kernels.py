@@ -254,31 +254,6 @@ def test_selected_attention_with_forced_blocks_precomputed(G, path, forced):
     _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC, q_start=starts))
 
 
-@pytest.mark.parametrize(("chunk", "max_chunks", "forced"), [(2, 64, None), (4, 64, (1, 2)), (1, 3, (1, 2))],
-                         ids=["5-chunks", "3-chunks-forced", "capped-at-3-forced"])
-def test_block_path_in_query_chunks(monkeypatch, chunk, max_chunks, forced):
-    """The block path's work order by query chunk (segments per chunk, batch, KV head and block; the
-    per-program table) gives the same attention, including the chunk count's cap."""
-    from kernels.interval_attention import MODE_FORCED, interval_attention
-
-    monkeypatch.setattr(selected_mod, "BLOCK_PATH_QUERY_CHUNK", chunk)
-    monkeypatch.setattr(selected_mod, "BLOCK_PATH_MAX_CHUNKS", max_chunks)
-    q, k, v = _qkv(2, 9, 90, 2, 3)
-    starts = torch.tensor([81, 30])
-    idx = _random_block_idx(2, 9, 2, TOP_N, starts[:, None] + torch.arange(9))
-    extra = {}
-    if forced is not None:  # a real selection, which holds the forced blocks
-        k_cmp, v_cmp = _cmp_kv(2, 90, 2)
-        _, lse = ref.compressed_attention(q, k_cmp, v_cmp, cmp_block=L, cmp_stride=D_STRIDE, q_start=starts)
-        idx = ref.select_blocks(q, k_cmp, lse, cmp_block=L, cmp_stride=D_STRIDE, slc_block=L_SLC, top_n=TOP_N,
-                                q_start=starts, init_blocks=forced[0], local_blocks=forced[1]).int()
-        o_f, lse_f = interval_attention(q, k, v, starts, mode=MODE_FORCED, scale=16 ** -0.5, slc_block=L_SLC,
-                                        init_blocks=forced[0], local_blocks=forced[1], want_lse=True)
-        extra["forced"] = (o_f, lse_f, *forced)
-    o = selected_mod.run_selected(q, k, v, idx, starts, slc_block=L_SLC, scale=16 ** -0.5, path="block", **extra)
-    _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC, q_start=starts))
-
-
 @pytest.mark.parametrize("G", [1, 3, 4, 16])
 def test_window_attention_matches_reference(G):
     q, k, v = _qkv(1, 45, 45, 2, G)
