@@ -6,8 +6,7 @@
 One process, one card, random bfloat16 inputs, medians of triton.testing.do_bench. Shapes:
 paper128 (HQ=64, H=4, dim 128), paper192 (HQ=64, H=4, Dk=192, Dv=128, the paper's dims) and small
 (HQ=16, H=4, G=4, dim 128); NSA geometry l=32, d=16, l'=64, n=16, w=512. Stages: cmp (compressed
-attention + lse; "lse-only" as nsa_attention runs it), select (scores, remap, group sum, top-n;
-"+o_cmp" also summing the compressed output, as nsa_attention runs it), slc (selected attention, both paths
+attention + lse), select (scores, remap, group sum, top-n), slc (selected attention, both paths
 timed), win (window alone), win+gate (window with the gated sum fused), nsa (the whole layer).
 Baselines in the same run: SDPA causal under FLASH_ATTENTION and CUDNN_ATTENTION (KV expanded to
 all heads), and fla-core's parallel_nsa where it allows the shape (G >= 16, power of two). The
@@ -96,12 +95,6 @@ def run_shape(name, T, rows, errors):
                                                            want_lse=True, **geo))
         record("select", "triton", lambda: _select(q, k_cmp, lse, pos0, **geo, slc_block=64, top_n=16, scale=scale,
                                                    init_blocks=1, local_blocks=2))
-        # What nsa_attention runs with CMP_IN_SELECT: the lse alone, then select computing o_cmp as well.
-        record("cmp", "triton-lse-only", lambda: interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale,
-                                                                    want_lse=True, want_o=False, **geo))
-        record("select", "triton+o_cmp", lambda: _select(q, k_cmp, lse, pos0, **geo, slc_block=64, top_n=16,
-                                                         scale=scale, init_blocks=1, local_blocks=2,
-                                                         cmp_out=(v_cmp, lse)))
         for path in ("group", "block"):
             record("slc", f"triton-{path}", lambda p=path: run_selected(q, k, v, idx, pos0, slc_block=64,
                                                                         scale=scale, path=p))
@@ -228,10 +221,6 @@ def tune(rows, errors, T, knobs=()):
         x["gates"] = torch.rand(*x["q"].shape[:3], 3, device="cuda", dtype=torch.bfloat16)
     chosen["nsa-forced-dense"] = sweep(
         "nsa-forced-dense", narrow, [True, False], lambda f: setattr(knsa, "FORCED_DENSE", f),
-        lambda x: kernels.nsa_attention(x["q"], x["k"], x["v"], x["kc"], x["vc"], x["gates"],
-                                        config=cfg["paper128" if x["q"].shape[2] == 64 else "small"]))
-    chosen["nsa-cmp-in-select"] = sweep(
-        "nsa-cmp-in-select", narrow, [True, False], lambda f: setattr(knsa, "CMP_IN_SELECT", f),
         lambda x: kernels.nsa_attention(x["q"], x["k"], x["v"], x["kc"], x["vc"], x["gates"],
                                         config=cfg["paper128" if x["q"].shape[2] == 64 else "small"]))
     x = shapes["small"]

@@ -57,12 +57,10 @@ def _row_interval(pos, TK, MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRI
 @triton.jit
 def _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
           BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-          BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, FORCED_A: tl.constexpr = 0,
-          WITH_V: tl.constexpr = True):
+          BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, FORCED_A: tl.constexpr = 0):
     """One online-softmax step over keys [start, start + BLOCK_N). MASKED = False: every row sees every key.
 
-    A row sees key n iff lo <= n < hi, or (FORCED_A > 0) n < min(FORCED_A, hi). WITH_V = False keeps only
-    the running max and sum (for the lse): no V tile is read and acc is returned as it came."""
+    A row sees key n iff lo <= n < hi, or (FORCED_A > 0) n < min(FORCED_A, hi)."""
     n = start + tl.arange(0, BLOCK_N)  # [N]
     n64 = n.to(tl.int64)
     dk = tl.arange(0, BLOCK_DK)
@@ -72,12 +70,10 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale
     if MASKED:
         n_ok = n < k_hi
         kt = tl.load(k_ptrs, mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)
-        if WITH_V:
-            vt = tl.load(v_ptrs, mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        vt = tl.load(v_ptrs, mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
     else:
         kt = tl.load(k_ptrs, mask=dk[:, None] < DK, other=0.0) if BLOCK_DK > DK else tl.load(k_ptrs)
-        if WITH_V:
-            vt = tl.load(v_ptrs, mask=dv[None, :] < DV, other=0.0) if BLOCK_DV > DV else tl.load(v_ptrs)
+        vt = tl.load(v_ptrs, mask=dv[None, :] < DV, other=0.0) if BLOCK_DV > DV else tl.load(v_ptrs)
     s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, N]
     if MASKED:
         if FORCED_A > 0:
@@ -94,8 +90,7 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if WITH_V:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
     return acc, m_new, l_i
 
 
@@ -109,7 +104,6 @@ def _interval_attn_fwd_kernel(
     MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     WRITE_LSE: tl.constexpr, FUSE_GATE: tl.constexpr, STORE_WIN: tl.constexpr, PREC: tl.constexpr,
     SPLIT: tl.constexpr, SLC_BLOCK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    WANT_O: tl.constexpr,
 ):
     BT: tl.constexpr = BLOCK_R // G  # queries per program
     # Compressed rows see more keys the later they are: the longest tiles go first.
@@ -156,27 +150,27 @@ def _interval_attn_fwd_kernel(
         body_hi = body_lo + (tl.maximum(hi_first - body_lo, 0) // BLOCK_N) * BLOCK_N
         for start in range(k_lo, body_lo, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, WITH_V=WANT_O)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
         for start in range(body_lo, body_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False, PREC, WITH_V=WANT_O)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False, PREC)
         for start in range(body_hi, k_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, WITH_V=WANT_O)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
     elif MODE == 2:
         # Forced blocks: the initial ones [0, INIT * l'), then the local ones; every tile is visited once.
         FORCED_A: tl.constexpr = INIT * SLC_BLOCK
         init_hi = tl.minimum(tl.cdiv(FORCED_A, BLOCK_N) * BLOCK_N, k_lo)
         for start in range(0, init_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A, WANT_O)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A)
         for start in range(k_lo, k_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A, WANT_O)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A)
     else:
         for start in range(k_lo, k_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, WITH_V=WANT_O)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # [R, BDV]; empty rows stay exactly 0
@@ -196,8 +190,7 @@ def _interval_attn_fwd_kernel(
         o_cmp = tl.load(O_CMP + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         o_slc = tl.load(O_SLC + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         o = g_cmp[:, None] * o_cmp + g_slc[:, None] * o_slc + g_win[:, None] * o_win.to(tl.float32)
-    if WANT_O:
-        tl.store(O + out_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
+    tl.store(O + out_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
 
 
 # (BLOCK_R, BLOCK_N, num_warps, num_stages) on a GPU, for head dims up to 128 ("narrow") and above:
@@ -217,37 +210,32 @@ def _launch_config(G: int, dk: int, dv: int, on_gpu: bool) -> tuple[int, int, in
 
 def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1, window=1, want_lse=False,
                        gates=None, o_cmp=None, o_slc=None, store_win=False, slc_block=1, init_blocks=0,
-                       local_blocks=0, want_o=True):
+                       local_blocks=0):
     """Launch the interval kernel.
 
     q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], pos0 [B] int64 absolute position of query 0.
     Returns o [B, TQ, HQ, Dv] (the gated sum when gates are given), then lse [B, TQ, HQ] float32 when
     want_lse, then o_win when store_win. MODE_FORCED attends to the forced selection blocks of each
     query (the first init_blocks and the last local_blocks up to its own, keys <= its position).
-    want_o=False (with want_lse, no gates) computes and returns the lse alone: no V is read.
     """
-    if not want_o and (not want_lse or gates is not None):
-        raise ValueError("want_o=False needs want_lse=True and no gated sum")
     B, TQ, HQ, DK = q.shape
     TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // H
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
-    o = torch.empty(B, TQ, HQ, DV, device=q.device, dtype=q.dtype) if want_o else None
-    lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32) if want_lse else None
-    # An output the launch does not produce gets the other one's pointer, which it never writes through.
-    o_arg, lse_arg = (o if want_o else lse), (lse if want_lse else o)
+    o = torch.empty(B, TQ, HQ, DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32) if want_lse else o
     fuse = gates is not None
-    o_win = torch.empty_like(o) if (fuse and store_win) else o_arg
+    o_win = torch.empty_like(o) if (fuse and store_win) else o
     if fuse:
         gates, o_cmp, o_slc = gates.contiguous(), o_cmp.contiguous(), o_slc.contiguous()
     else:
-        gates = o_cmp = o_slc = o_arg
+        gates = o_cmp = o_slc = o
     block_r, block_n, warps, stages = _launch_config(G, DK, DV, q.is_cuda)
     bt = block_r // G
     if B * TQ and HQ:
         grid = (triton.cdiv(TQ, bt), B * H)
         _interval_attn_fwd_kernel[grid](
-            q, k, v, o_arg, lse_arg, pos0, gates, o_cmp, o_slc, o_win,
+            q, k, v, o, lse, pos0, gates, o_cmp, o_slc, o_win,
             scale * LOG2E, TQ, TK, H, window,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -255,10 +243,8 @@ def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1,
             MODE=mode, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
             WRITE_LSE=want_lse, FUSE_GATE=fuse, STORE_WIN=fuse and store_win, PREC=dot_precision(q.dtype),
             SPLIT=SPLIT_MASK and mode != MODE_FORCED, SLC_BLOCK=slc_block, INIT=init_blocks, LOCAL=local_blocks,
-            WANT_O=want_o, num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages,
         )
-    if not want_o:
-        return lse
     out = [o]
     if want_lse:
         out.append(lse)

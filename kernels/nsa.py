@@ -26,10 +26,6 @@ from .window import window_gated_sum
 # neighbouring queries: attend to them in one dense interval-kernel launch (MODE_FORCED) whose softmax
 # the selected branch merges in, instead of gathering them again for every query (False: gathered).
 FORCED_DENSE = True
-# The compressed branch's output from the selection kernel, which computes the same probabilities from the
-# final lse anyway (p v summed without rescaling), while the interval kernel computes that lse alone and
-# reads no V (False: the interval kernel computes o_cmp with its lse, as a flash-attention pass).
-CMP_IN_SELECT = True
 
 
 def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=None, k_win=None, v_win=None,
@@ -55,19 +51,14 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, *, config, scale=None, q_start=N
     scale = resolve_scale(q, scale)
     pos0 = query_starts(q_start, B, k.shape[1] - TQ, q.device)
     with torch.no_grad():
-        # 1. compressed branch (its lse alone when select computes its output)
-        cmp = {"cmp_block": c.cmp_block, "cmp_stride": c.cmp_stride}
-        if CMP_IN_SELECT:
-            lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, **cmp, want_lse=True,
-                                     want_o=False)
-        else:
-            o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, **cmp, want_lse=True)
+        # 1. compressed branch
+        o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, cmp_block=c.cmp_block,
+                                        cmp_stride=c.cmp_stride, want_lse=True)
         # 2. top-n selection from the compressed branch's probabilities
         lse_slc = selection_lse(q, k_cmp, lse, config=c, scale=scale, q_start=pos0)
-        selected = _select(q, k_cmp, lse_slc, pos0, **cmp, slc_block=c.slc_block, top_n=c.top_n, scale=scale,
-                           init_blocks=c.init_blocks, local_blocks=c.local_blocks,
-                           cmp_out=(v_cmp, lse) if CMP_IN_SELECT else None)
-        block_idx, o_cmp = selected if CMP_IN_SELECT else (selected, o_cmp)
+        block_idx = _select(q, k_cmp, lse_slc, pos0, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
+                            slc_block=c.slc_block, top_n=c.top_n, scale=scale, init_blocks=c.init_blocks,
+                            local_blocks=c.local_blocks)
         # 3. selected branch
         forced = None
         if FORCED_DENSE and c.init_blocks + c.local_blocks > 0:

@@ -72,15 +72,14 @@ FILL_FIRST = True
 
 @triton.jit(do_not_specialize=["TQ", "TC"])
 def _select_blocks_kernel(
-    Q, KC, LSE, POS0, IDX, VC, LSE_C, O_CMP,
+    Q, KC, LSE, POS0, IDX,
     scale_log2, TQ, TC, H,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+    sqb, sqt, sqh, skb, skt, skh, slb, slt, slh,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
     TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, BC: tl.constexpr,
     INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, REMAP_FIRST: tl.constexpr,
     SPLIT: tl.constexpr, FILL: tl.constexpr, KEY_BITS: tl.constexpr,
-    CMP_OUT: tl.constexpr, SHIFTED: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     R: tl.constexpr = BT * GP
     PER_BLOCK: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
@@ -108,20 +107,8 @@ def _select_blocks_kernel(
     dk = tl.arange(0, BLOCK_DK)
     q = tl.load(Q + b64 * sqb + t_row.to(tl.int64)[:, None] * sqt + (h * G + g_row)[:, None] * sqh + dk[None, :],
                 mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)  # [R, BDK]
-    lse_off = (b64 * TQ + t_row) * (H * G) + h * G + g_row  # [R] row of the [B, TQ, HQ] lse and outputs
-    lse = tl.load(LSE + lse_off, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-    if CMP_OUT:
-        # p is the compressed branch's own probability (its lse), which also gives o_cmp = sum_i p_i v_i
-        # without rescaling; the scores weigh it by exp(lse_cmp - lse): 1 for the paper's scores
-        # (SHIFTED False, the same lse), 0 where the selection's lse is -inf.
-        lse_c = tl.load(LSE_C + lse_off, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-        if SHIFTED:
-            votes = row_ok & (lse > float("-inf"))
-            sel_w = tl.exp2(tl.where(votes, lse_c, 0.0) - tl.where(votes, lse, float("inf")))
-        lse = lse_c
-        dv = tl.arange(0, BLOCK_DV)
-        acc = tl.zeros([R, BLOCK_DV], tl.float32)
-        vc_base = VC + b64 * svb + h * svh
+    lse = tl.load(LSE + b64 * slb + t_row.to(tl.int64) * slt + (h * G + g_row) * slh, mask=row_ok,
+                  other=float("-inf")) * 1.4426950408889634
     row_live = row_ok & (lse > float("-inf"))
     lse = tl.where(row_live, lse, 0.0)
     # Chunks whose compressed tokens every row of the tile sees need no mask: a dead row (no visible
@@ -167,12 +154,6 @@ def _select_blocks_kernel(
         else:
             live = row_live[:, None] & i_ok[None, :] & (i[None, :] < seen_row[:, None])
             p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
-        if CMP_OUT:
-            vt = tl.load(vc_base + i.to(tl.int64)[:, None] * svt + dv[None, :],
-                         mask=i_ok[:, None] & (dv[None, :] < DV), other=0.0)  # [BC, BDV]
-            acc += tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-            if SHIFTED:
-                p = p * sel_w[:, None]
         if REMAP_FIRST:
             # Eq. 9 on the tensor cores for every (query, head) row, then the group sum on the
             # NB-wide result: the reshape moves [R, NB] through shared memory instead of [R, BC].
@@ -227,9 +208,6 @@ def _select_blocks_kernel(
         ids = tl.where(ids == least, (1 << 31) - 1, ids)
     out = IDX + ((b64 * TQ + tq) * H + h)[:, None] * TOP_N + col[None, :]
     tl.store(out, out_ids, mask=tq_ok[:, None] & (col[None, :] < TOP_N))
-    if CMP_OUT:
-        tl.store(O_CMP + lse_off[:, None] * DV + dv[None, :], acc.to(O_CMP.dtype.element_ty),
-                 mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
 def key_bits(nb: int, top_n: int) -> int:
@@ -284,37 +262,24 @@ def check_selection_config(cmp_block, cmp_stride, slc_block, top_n, init_blocks,
         raise ValueError(f"top_n ({top_n}) exceeds the kernel's limit of 256")
 
 
-def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, scale, init_blocks, local_blocks,
-            cmp_out=None):
-    """cmp_out: None, or (v_cmp [B, Tc, H, Dv], lse_cmp [B, TQ, HQ]) to compute the compressed branch's
-    output in the same pass from its final lse (the interval kernel then computes the lse alone); lse is
-    the selection's: lse_cmp itself (the paper's scores) or a shift of it. Returns block_idx, or
-    (block_idx, o_cmp)."""
-    shifted = cmp_out is not None and cmp_out[1] is not lse  # "paper" scores pass the same tensor twice
+def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, scale, init_blocks, local_blocks):
     B, TQ, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
     q, k_cmp = last_dim_contiguous(q), last_dim_contiguous(k_cmp)
-    lse = lse.float().contiguous()
+    lse = lse.float()
     idx = torch.empty(B, TQ, H, top_n, device=q.device, dtype=torch.int32)
-    if cmp_out is None:
-        v_cmp, lse_cmp, o_cmp, dv = k_cmp, lse, idx, 1  # placeholders the kernel never touches
-    else:
-        v_cmp, lse_cmp = last_dim_contiguous(cmp_out[0]), cmp_out[1].float().contiguous()
-        dv = v_cmp.shape[3]
-        o_cmp = torch.empty(B, TQ, HQ, dv, device=q.device, dtype=q.dtype)
-    gp, bt, nb, bc, warps, stages = _launch_config(G, max(DK, dv), top_n, slc_block // cmp_stride, q.is_cuda)
+    gp, bt, nb, bc, warps, stages = _launch_config(G, DK, top_n, slc_block // cmp_stride, q.is_cuda)
     if B * TQ * H:
         grid = (triton.cdiv(TQ, bt), B * H)
         _select_blocks_kernel[grid](
-            q, k_cmp, lse, pos0, idx, v_cmp, lse_cmp, o_cmp, scale * LOG2E, TQ, TC, H,
+            q, k_cmp, lse, pos0, idx, scale * LOG2E, TQ, TC, H,
             q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
-            v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2),
             G=G, GP=gp, BT=bt, DK=DK, BLOCK_DK=pow2(DK, 16), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
             SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, BC=bc, INIT=init_blocks,
             LOCAL=local_blocks, PREC=dot_precision(q.dtype), REMAP_FIRST=REMAP_FIRST,
             SPLIT=SPLIT_MASK, FILL=FILL_FIRST and nb == top_n, KEY_BITS=key_bits(nb, top_n),
-            CMP_OUT=cmp_out is not None, SHIFTED=shifted, DV=dv, BLOCK_DV=pow2(dv, 16),
             num_warps=warps, num_stages=stages,
         )
-    return idx if cmp_out is None else (idx, o_cmp)
+    return idx

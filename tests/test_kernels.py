@@ -136,40 +136,6 @@ def test_select_blocks_matches_reference(G):
     assert (idx[:, :L_SLC, :, 1:] == -1).all()  # block 0 only: the rest of the slots are empty
 
 
-@pytest.mark.parametrize(("G", "shift"), [(1, False), (3, True), (16, False), (4, True)])
-def test_select_blocks_computes_the_compressed_output(G, shift):
-    """With cmp_out, select also returns o_cmp, summed from the final lse of an lse-only interval launch
-    (bit-identical to the full launch's lse); a shifted selection lse (the "free" scores, some rows -inf)
-    changes the blocks' weights, not o_cmp. Rows before the first compressed token get o_cmp = 0."""
-    from kernels.common import query_starts
-    from kernels.interval_attention import MODE_CMP, interval_attention
-    from kernels.select import _select
-
-    q, _, _ = _qkv(2, 70, 160, 2, G)
-    k_cmp, v_cmp = _cmp_kv(2, 160, 2)
-    pos0 = query_starts(torch.tensor([90, 0]), 2, 0, q.device)
-    cmp = {"cmp_block": L, "cmp_stride": D_STRIDE}
-    o_ref, lse_ref = ref.compressed_attention(q, k_cmp, v_cmp, **cmp, q_start=pos0)
-    o_full, lse_full = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=16 ** -0.5, **cmp,
-                                          want_lse=True)
-    lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=16 ** -0.5, **cmp, want_lse=True,
-                             want_o=False)
-    assert torch.equal(lse, lse_full)
-    lse_slc = lse
-    if shift:  # as "free" scores do: a per-row shift, and rows that cast no vote
-        lse_slc = (lse + torch.rand_like(lse)).masked_fill(torch.rand_like(lse) < 0.2, -torch.inf)
-    args = {**cmp, "slc_block": L_SLC, "top_n": TOP_N, "scale": 16 ** -0.5, "init_blocks": 1, "local_blocks": 2}
-    idx, o_cmp = _select(q, k_cmp, lse_slc, pos0, **args, cmp_out=(v_cmp, lse))
-    _close(o_cmp, o_ref)
-    _close(o_cmp, o_full)
-    assert (o_cmp[1, : L - 1] == 0).all()  # the second row starts at 0: its first l - 1 queries see nothing
-    if not shift:  # the same probabilities, bit for bit, as without cmp_out
-        assert torch.equal(idx, _select(q, k_cmp, lse_slc, pos0, **args))
-    scores = ref.importance_scores(q, k_cmp, lse_slc, **cmp, slc_block=L_SLC, q_start=pos0)
-    idx_ref = ref.select_blocks(q, k_cmp, lse_slc, **cmp, slc_block=L_SLC, top_n=TOP_N, q_start=pos0)
-    assert_same_selection(idx, idx_ref, scores, pos0[:, None] + torch.arange(70), slc_block=L_SLC)
-
-
 @pytest.mark.parametrize("geometry", [(16, 8, 16, 3, 2, 1), (8, 8, 8, 5, 0, 2), (12, 4, 8, 5, 1, 2)],
                          ids=["l16-d8-ls16", "l8-d8-ls8-no-init", "l12-d4-ls8"])
 def test_select_blocks_other_geometries(geometry):
