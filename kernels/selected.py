@@ -23,8 +23,8 @@ path leaves those pairs out of the sort, and its merge adds the part.
 Shapes (both paths): q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], block_idx [B, TQ, H, n] int32/int64,
 Dk/Dv up to 256, any G from 1 to 64, TQ <= TK with q_start. Tested: float32 under TRITON_INTERPRET=1
 (Triton 3.9) and bfloat16 on an NVIDIA H100 and an NVIDIA H200 (Triton 3.6) up to T = 16k. The
-precomputed-forced variant: both paths on the CPU and on the H200 (the whole-layer tests at 8k: the
-block path at G = 4, the group path at G = 16; the logits test). Known limits: forward only.
+precomputed-forced variant: both paths on the CPU, the H200 and the H100 (the whole-layer tests at 8k:
+the block path at G = 4, the group path at G = 16; the logits test). Known limits: forward only.
 """
 
 from __future__ import annotations
