@@ -208,21 +208,19 @@ def tune(rows, errors, T, knobs=()):
                                     lambda c: setattr(ks, "SELECT_LAUNCH", c), select)
     chosen["select-fill-first"] = sweep("select-fill-first", narrow, [True, False],
                                         lambda f: setattr(ks, "FILL_FIRST", f), select)
+    def group_path(x):
+        return run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"], path="group")
+
     x = shapes["paper128"]
     x["idx"] = select(x)
-    chosen["slc-group"] = sweep(
-        "slc-group", [("paper128", x)], [(64, 4, 3), (64, 4, 4), (32, 4, 4), (64, 8, 3)],
-        lambda c: kslc.GROUP_LAUNCH.__setitem__("narrow", c),
-        lambda x: run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"],
-                               path="group"))
+    chosen["slc-group"] = sweep("slc-group", [("paper128", x)], [(64, 4, 3), (64, 4, 4), (32, 4, 4), (64, 8, 3)],
+                                lambda c: kslc.GROUP_LAUNCH.__setitem__("narrow", c), group_path)
     x = shapes["paper192"]
     _, x["lse"] = cmp(x)
     x["idx"] = select(x)
-    chosen["slc-group-wide"] = sweep(
-        "slc-group-wide", [("paper192", x)], [(64, 4, 2), (32, 4, 3), (32, 4, 2), (64, 8, 2)],
-        lambda c: kslc.GROUP_LAUNCH.__setitem__("wide", c),
-        lambda x: run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"],
-                               path="group"))
+    chosen["slc-group-wide"] = sweep("slc-group-wide", [("paper192", x)],
+                                     [(64, 4, 2), (32, 4, 3), (32, 4, 2), (64, 8, 2)],
+                                     lambda c: kslc.GROUP_LAUNCH.__setitem__("wide", c), group_path)
     cfg = {name: NSAConfig(n_head=SHAPES[name][0], n_kv_head=SHAPES[name][1], head_dim=SHAPES[name][2],
                            v_head_dim=SHAPES[name][3], **GEOMETRY) for name in ("paper128", "small")}
     for _, x in narrow:
