@@ -188,8 +188,8 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
 
 
 # Group path launch (BLOCK_N, num_warps, num_stages) for head dims up to 128 ("narrow") and above: the
-# fastest of benchmarks/bench_attention.py --tune's candidates (H100; wide at paper192, where (64, 4, 2)
-# took 23.8 ms against 27.9 for (32, 4, 3) over the slots that are not forced).
+# fastest of benchmarks/bench_attention.py --tune's candidates, narrow at paper128 (H200), wide at
+# paper192 (H100: (64, 4, 2) 23.8 ms against 27.9 for (32, 4, 3) over the slots that are not forced).
 GROUP_LAUNCH = {"narrow": (64, 4, 3), "wide": (64, 4, 2)}
 # Groups up to this size take the block-centric path by default.
 BLOCK_PATH_MAX_GROUP = 8
