@@ -9,8 +9,14 @@ paper128 (HQ=64, H=4, dim 128), paper192 (HQ=64, H=4, Dk=192, Dv=128, the paper'
 attention + lse), select (scores, remap, group sum, top-n), slc (selected attention, both paths
 timed), win (window alone), win+gate (window with the gated sum fused), nsa (the whole layer).
 Baselines in the same run: SDPA causal under FLASH_ATTENTION and CUDNN_ATTENTION (KV expanded to
-all heads), and fla-core's parallel_nsa where it allows the shape (G >= 16, power of two). The
-ceilings (device copy bandwidth, bf16 matmul rate) are measured too. Writes
+all heads), and fla-core's parallel_nsa where it allows the shape (G >= 16, power of two).
+
+Decode (--decode-lengths, the shapes "decode-paper128" and "decode-small"): one new token for each
+of B = 8 sequences whose keys, values and compressed tokens are cached, the same stages, against
+dense SDPA over the cache (GQA, no KV expansion) and fla's parallel_nsa with q = the last token
+(which pools its compressed keys from k and v on every call: that is its API).
+
+The ceilings (device copy bandwidth, bf16 matmul rate) are measured too. Writes
 benchmarks/results/<card>-<date>.json and prints a table.
 """
 
@@ -32,13 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kernels  # noqa: E402
 from kernels.common import query_starts  # noqa: E402
-from kernels.interval_attention import MODE_CMP, MODE_FORCED, interval_attention  # noqa: E402
+from kernels.interval_attention import MODE_CMP, MODE_FORCED, MODE_WIN, interval_attention  # noqa: E402
 from kernels.select import _select  # noqa: E402
 from kernels.selected import run_selected  # noqa: E402
 from kernels.window import window_gated_sum  # noqa: E402
 from nsa_core.config import NSAConfig  # noqa: E402
 
 SHAPES = {"paper128": (64, 4, 128, 128), "paper192": (64, 4, 192, 128), "small": (16, 4, 128, 128)}
+DECODE_BATCH = 8  # sequences decoding one token each, as in the decode anchors
 GEOMETRY = {"cmp_block": 32, "cmp_stride": 16, "slc_block": 64, "top_n": 16, "window": 512}
 
 
@@ -62,6 +69,20 @@ def ceilings():
     return {"copy_TBps": 2 * x.numel() / copy_ms / 1e9, "matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
 
 
+def _recorder(shape, T, rows, errors):
+    """record(stage, impl, fn): time fn and append a row; a failure (a baseline that refuses the shape) is
+    reported in errors, not fatal."""
+    def record(stage, impl, fn):
+        try:
+            ms = bench(fn)
+        except Exception as err:
+            errors.append(f"{shape} T={T} {stage}/{impl}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            return None
+        rows.append({"shape": shape, "T": T, "stage": stage, "impl": impl, "ms": round(ms, 4)})
+        return ms
+    return record
+
+
 def run_shape(name, T, rows, errors):
     HQ, H, dk, dv = SHAPES[name]
     G = HQ // H
@@ -78,14 +99,7 @@ def run_shape(name, T, rows, errors):
     scale = dk**-0.5
     geo = {"cmp_block": cfg.cmp_block, "cmp_stride": cfg.cmp_stride}
 
-    def record(stage, impl, fn):
-        try:
-            ms = bench(fn)
-        except Exception as err:  # a baseline that refuses this shape is reported, not fatal
-            errors.append(f"{name} T={T} {stage}/{impl}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-            return None
-        rows.append({"shape": name, "T": T, "stage": stage, "impl": impl, "ms": round(ms, 4)})
-        return ms
+    record = _recorder(name, T, rows, errors)
 
     with torch.no_grad():
         o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, want_lse=True, **geo)
@@ -122,6 +136,49 @@ def run_shape(name, T, rows, errors):
                     return F.scaled_dot_product_attention(qt, ke, ve, is_causal=True)
             record("dense", label, dense)
         ke = ve = None  # the dense closures are done with them: free the memory before fla runs
+        if G >= 16 and G & (G - 1) == 0 and dk == dv:
+            try:
+                from fla.ops.nsa import parallel_nsa
+            except ImportError as err:
+                errors.append(f"fla-core not importable: {err}")
+            else:
+                g_cmp, g_slc = gates[..., 0].contiguous(), gates[..., 1].contiguous()
+                record("nsa-no-window", "fla-parallel_nsa",
+                       lambda: parallel_nsa(q, k, v, g_cmp, g_slc, block_counts=16, block_size=64))
+
+def run_decode(name, T, rows, errors):
+    """One decode step: q [B, 1, HQ, D] (the token at position T - 1) over cached k, v, k_cmp, v_cmp of T keys."""
+    HQ, H, dk, dv = SHAPES[name]
+    G, B = HQ // H, DECODE_BATCH
+    shape = f"decode-{name}"
+    cfg = NSAConfig(n_head=HQ, n_kv_head=H, head_dim=dk, v_head_dim=dv, **GEOMETRY)
+    tc = (T - cfg.cmp_block) // cfg.cmp_stride + 1
+    dev, bf = "cuda", torch.bfloat16
+    q = torch.randn(B, 1, HQ, dk, device=dev, dtype=bf)
+    k = torch.randn(B, T, H, dk, device=dev, dtype=bf)
+    v = torch.randn(B, T, H, dv, device=dev, dtype=bf)
+    k_cmp = torch.randn(B, tc, H, dk, device=dev, dtype=bf)
+    v_cmp = torch.randn(B, tc, H, dv, device=dev, dtype=bf)
+    gates = torch.rand(B, 1, HQ, 3, device=dev, dtype=bf)
+    pos0 = query_starts(None, B, T - 1, q.device)
+    scale = dk**-0.5
+    geo = {"cmp_block": cfg.cmp_block, "cmp_stride": cfg.cmp_stride}
+    record = _recorder(shape, T, rows, errors)
+
+    with torch.no_grad():
+        o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, want_lse=True, **geo)
+        idx = _select(q, k_cmp, lse, pos0, **geo, slc_block=64, top_n=16, scale=scale, init_blocks=1, local_blocks=2)
+        o_slc = run_selected(q, k, v, idx, pos0, slc_block=64, scale=scale)
+        record("cmp", "triton", lambda: interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale,
+                                                           want_lse=True, **geo))
+        record("select", "triton", lambda: _select(q, k_cmp, lse, pos0, **geo, slc_block=64, top_n=16, scale=scale,
+                                                   init_blocks=1, local_blocks=2))
+        record("slc", "triton", lambda: run_selected(q, k, v, idx, pos0, slc_block=64, scale=scale))
+        record("win+gate", "triton", lambda: window_gated_sum(q, k, v, gates, o_cmp, o_slc, pos0, window=512,
+                                                              scale=scale, store_win=False))
+        record("nsa", "triton", lambda: kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg))
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        record("dense", "sdpa-gqa", lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True))
         if G >= 16 and G & (G - 1) == 0 and dk == dv:
             try:
                 from fla.ops.nsa import parallel_nsa
@@ -181,18 +238,28 @@ def tune(rows, errors, T, knobs=()):
     chosen = {}
     shapes = {name: data(name) for name in ("paper128", "paper192", "small")}
 
-    def set_launch(kind):
-        return lambda cand: ia.LAUNCH.__setitem__(kind, cand)
+    def set_launch(mode, kind):
+        return lambda cand: ia.LAUNCH.__setitem__((mode, kind), cand)
 
     chosen["cmp-wide"] = sweep("cmp-wide", [("paper192", shapes["paper192"])],
                                [(64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
-                               set_launch("wide"), cmp)
+                               set_launch(MODE_CMP, "wide"), cmp)
     chosen["cmp-narrow"] = sweep("cmp-narrow", [("paper128", shapes["paper128"]), ("small", shapes["small"])],
                                  [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-                                 set_launch("narrow"), cmp)
+                                 set_launch(MODE_CMP, "narrow"), cmp)
     narrow = [("paper128", shapes["paper128"]), ("small", shapes["small"])]
     for _, x in narrow:
-        _, x["lse"] = cmp(x)
+        x["o_cmp"], x["lse"] = cmp(x)
+        x["gates"] = torch.rand(*x["q"].shape[:3], 3, device="cuda", dtype=torch.bfloat16)
+    short_launches = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)]
+    chosen["win-narrow"] = sweep(
+        "win-narrow", narrow, short_launches, set_launch(MODE_WIN, "narrow"),
+        lambda x: window_gated_sum(x["q"], x["k"], x["v"], x["gates"], x["o_cmp"], x["o_cmp"], x["pos0"],
+                                   window=512, scale=x["scale"], store_win=False))
+    chosen["forced-narrow"] = sweep(
+        "forced-narrow", narrow, short_launches, set_launch(MODE_FORCED, "narrow"),
+        lambda x: interval_attention(x["q"], x["k"], x["v"], x["pos0"], mode=MODE_FORCED, scale=x["scale"],
+                                     slc_block=64, init_blocks=1, local_blocks=2, want_lse=True))
 
     def select(x):
         return _select(x["q"], x["kc"], x["lse"], x["pos0"], cmp_block=32, cmp_stride=16, slc_block=64, top_n=16,
@@ -224,8 +291,6 @@ def tune(rows, errors, T, knobs=()):
                                      lambda c: kslc.GROUP_LAUNCH.__setitem__("wide", c), group_path)
     cfg = {name: NSAConfig(n_head=SHAPES[name][0], n_kv_head=SHAPES[name][1], head_dim=SHAPES[name][2],
                            v_head_dim=SHAPES[name][3], **GEOMETRY) for name in ("paper128", "small")}
-    for _, x in narrow:
-        x["gates"] = torch.rand(*x["q"].shape[:3], 3, device="cuda", dtype=torch.bfloat16)
     chosen["nsa-forced-dense"] = sweep(
         "nsa-forced-dense", narrow, [True, False], lambda f: setattr(knsa, "FORCED_DENSE", f),
         lambda x: kernels.nsa_attention(x["q"], x["k"], x["v"], x["kc"], x["vc"], x["gates"],
@@ -242,8 +307,10 @@ def tune(rows, errors, T, knobs=()):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--decode-lengths", type=int, nargs="*", default=[16384, 65536],
+                        help="cache lengths of the decode step (none: skip decode)")
     parser.add_argument("--tune", type=int, default=0,
                         help="first sweep the launch settings at this length and measure with the fastest")
     parser.add_argument("--knobs", nargs="+", default=[], help="with --tune: sweep only these knobs")
@@ -286,6 +353,14 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             save()
             print(f"done {name} T={T}", flush=True)
+    for T in args.decode_lengths:
+        for name in ("paper128", "small"):
+            try:
+                run_decode(name, T, rows, errors)
+            except Exception:
+                errors.append(f"decode {name} T={T}: {traceback.format_exc(limit=3)}")
+            torch.cuda.empty_cache()
+            save()
     print(f"{card}: copy {meta['copy_TBps']} TB/s, bf16 matmul {meta['matmul_TFLOPs']} TFLOP/s -> {path}")
     for err in errors:
         print("ERROR", err)
@@ -296,7 +371,8 @@ def main(argv=None) -> int:
 def format_table(rows):
     rows = [r for r in rows if not r["stage"].startswith("tune:")]  # the sweep's rows stay in the JSON
     stages = list(dict.fromkeys((r["stage"], r["impl"]) for r in rows))
-    keys = sorted({(r["shape"], r["T"]) for r in rows}, key=lambda x: (list(SHAPES).index(x[0]), x[1]))
+    order = [*SHAPES, *(f"decode-{name}" for name in SHAPES)]
+    keys = sorted({(r["shape"], r["T"]) for r in rows}, key=lambda x: (order.index(x[0]), x[1]))
     by = {(r["shape"], r["T"], r["stage"], r["impl"]): r["ms"] for r in rows}
     head = "| shape | T | " + " | ".join(f"{s} {i}" for s, i in stages) + " |"
     lines = [head, "|" + "---|" * (len(stages) + 2)]

@@ -84,3 +84,25 @@ def resolve_scale(q: torch.Tensor, scale) -> float:
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get exact fp32 products (tf32 would cost about 1e-3 relative); 16-bit ones the fast path."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# Key splits (flash-decoding): when a launch has too few programs to fill the GPU (decode, short chunks
+# of queries over a long cache), each row tile's keys are shared out among this many programs at most,
+# each keeping at least MIN_TILES_PER_SPLIT key tiles so that its loads still pipeline.
+MAX_KEY_SPLITS = 16
+MIN_TILES_PER_SPLIT = 4
+
+
+def key_splits(programs: int, tiles: int, device: torch.device, splits: int | None = None) -> int:
+    """Programs per row tile: enough that programs * splits fills every SM about twice.
+
+    programs: the launch's programs without splits; tiles: key tiles of its longest row tile.
+    splits: a forced count (tests), clamped to [1, tiles]. The interpreter gets 1 unless forced.
+    """
+    if splits is not None:
+        return max(1, min(int(splits), tiles))
+    if device.type != "cuda" or programs <= 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, programs)
+    return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_KEY_SPLITS))

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, last_dim_contiguous, pow2
+from .common import LOG2E, dot_precision, key_splits, last_dim_contiguous, pow2
 
 MODE_CMP = 0
 MODE_WIN = 1
@@ -104,6 +104,7 @@ def _interval_attn_fwd_kernel(
     MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     WRITE_LSE: tl.constexpr, FUSE_GATE: tl.constexpr, STORE_WIN: tl.constexpr, PREC: tl.constexpr,
     SPLIT: tl.constexpr, SLC_BLOCK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    KEY_SPLITS: tl.constexpr,
 ):
     BT: tl.constexpr = BLOCK_R // G  # queries per program
     # Compressed rows see more keys the later they are: the longest tiles go first.
@@ -129,6 +130,15 @@ def _interval_attn_fwd_kernel(
     k_lo, _ = _row_interval(first, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW, SLC_BLOCK, LOCAL)
     _, k_hi = _row_interval(last, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW, SLC_BLOCK, LOCAL)
     k_lo = (k_lo // BLOCK_N) * BLOCK_N
+    if KEY_SPLITS > 1:
+        # This program's share of the tile's keys: whole tiles [s_lo, s_hi) on the k_lo grid.
+        split = tl.program_id(2)
+        per_split = tl.cdiv(tl.cdiv(tl.maximum(k_hi - k_lo, 0), BLOCK_N), KEY_SPLITS) * BLOCK_N
+        s_lo = tl.minimum(k_lo + split * per_split, k_hi)
+        s_hi = tl.minimum(s_lo + per_split, k_hi)
+    else:
+        s_lo = k_lo
+        s_hi = k_hi
 
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
@@ -148,13 +158,20 @@ def _interval_attn_fwd_kernel(
         _, hi_first = _row_interval(first, TK, MODE, CMP_BLOCK, CMP_STRIDE, WINDOW, SLC_BLOCK, LOCAL)
         body_lo = tl.minimum(k_lo + tl.cdiv(tl.maximum(lo_last - k_lo, 0), BLOCK_N) * BLOCK_N, k_hi)
         body_hi = body_lo + (tl.maximum(hi_first - body_lo, 0) // BLOCK_N) * BLOCK_N
-        for start in range(k_lo, body_lo, BLOCK_N):
+        if KEY_SPLITS > 1:  # the three ranges cut to this program's share
+            head_lo, head_hi = s_lo, tl.minimum(body_lo, s_hi)
+            body_lo = tl.maximum(body_lo, s_lo)
+            tail_lo = tl.maximum(body_hi, s_lo)
+            body_hi = tl.minimum(body_hi, s_hi)
+        else:
+            head_lo, head_hi, tail_lo = k_lo, body_lo, body_hi
+        for start in range(head_lo, head_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
                                   BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
         for start in range(body_lo, body_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
                                   BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False, PREC)
-        for start in range(body_hi, k_hi, BLOCK_N):
+        for start in range(tail_lo, s_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
                                   BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
     elif MODE == 2:
@@ -168,7 +185,7 @@ def _interval_attn_fwd_kernel(
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
                                   BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A)
     else:
-        for start in range(k_lo, k_hi, BLOCK_N):
+        for start in range(s_lo, s_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
                                   BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
 
@@ -176,6 +193,13 @@ def _interval_attn_fwd_kernel(
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # [R, BDV]; empty rows stay exactly 0
     row64 = ((b64 * TQ + t) * HQ + hq).to(tl.int64)  # outputs are contiguous [B, TQ, HQ, ...]
     out_mask = row_ok[:, None] & (dv[None, :] < DV)
+    if KEY_SPLITS > 1:
+        # A partial (o in float32, lse in log2 units) per split, [KEY_SPLITS, B, TQ, HQ]; _combine_splits merges.
+        row64 += tl.program_id(2).to(tl.int64) * tl.num_programs(1) * TQ * G
+        tl.store(LSE + row64, tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf")),
+                 mask=row_ok)
+        tl.store(O + row64[:, None] * DV + dv[None, :], o, mask=out_mask)
+        return
     out_ptrs = row64[:, None] * DV + dv[None, :]
     if WRITE_LSE:
         lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -193,30 +217,77 @@ def _interval_attn_fwd_kernel(
     tl.store(O + out_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
 
 
-# (BLOCK_R, BLOCK_N, num_warps, num_stages) on a GPU, for head dims up to 128 ("narrow") and above:
-# the fastest of the candidates that benchmarks/bench_attention.py --tune sweeps (H100, Triton 3.6).
-LAUNCH = {"narrow": (64, 64, 4, 3), "wide": (128, 64, 8, 2)}
+# (BLOCK_R, BLOCK_N, num_warps, num_stages) on a GPU per mode, for head dims up to 128 ("narrow") and
+# above: the fastest of the candidates that benchmarks/bench_attention.py --tune sweeps (H100, Triton
+# 3.6). The window's and the forced blocks' short intervals favour other settings than the compressed
+# branch's long ones (64k on an H100: window + gate 4.07 ms against 4.26 with the compressed branch's
+# setting at paper128, forced blocks 1.64 against 1.82); their wide settings were not swept.
+LAUNCH = {
+    (MODE_CMP, "narrow"): (64, 64, 4, 3), (MODE_CMP, "wide"): (128, 64, 8, 2),
+    (MODE_WIN, "narrow"): (64, 64, 4, 2), (MODE_WIN, "wide"): (128, 64, 8, 2),
+    (MODE_FORCED, "narrow"): (64, 32, 4, 3), (MODE_FORCED, "wide"): (128, 64, 8, 2),
+}
+# Rows per program of the key-split merge.
+COMBINE_ROWS = 16
+
+
+@triton.jit
+def _combine_splits_kernel(O_PART, LSE_PART, O, LSE, ROWS, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           SPLITS: tl.constexpr, SP: tl.constexpr, ROWS_PER: tl.constexpr,
+                           WRITE_LSE: tl.constexpr):
+    """o = sum_s 2^(lse_s - lse) o_s over the key splits, lse = log2 sum_s 2^lse_s (stored in natural units).
+
+    O_PART [SPLITS, ROWS, DV] float32, LSE_PART [SPLITS, ROWS] (log2, -inf for a split that saw no key);
+    a row no split saw keeps o = 0 and lse = -inf.
+    """
+    row = tl.program_id(0).to(tl.int64) * ROWS_PER + tl.arange(0, ROWS_PER)  # [RP]
+    split = tl.arange(0, SP)
+    dv = tl.arange(0, BLOCK_DV)
+    row_ok = row < ROWS
+    ok = row_ok[:, None] & (split[None, :] < SPLITS)  # [RP, SP]
+    lse = tl.load(LSE_PART + split[None, :] * ROWS + row[:, None], mask=ok, other=float("-inf"))
+    m = tl.max(lse, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe[:, None])  # [RP, SP]
+    denom = tl.sum(w, 1)
+    o = tl.zeros([ROWS_PER, BLOCK_DV], tl.float32)
+    d_ok = row_ok[:, None] & (dv[None, :] < DV)
+    for s in tl.static_range(SPLITS):
+        w_s = tl.sum(tl.where(split[None, :] == s, w, 0.0), 1)  # [RP]
+        part = tl.load(O_PART + (s * ROWS + row[:, None]) * DV + dv[None, :], mask=d_ok, other=0.0)
+        o += w_s[:, None] * part
+    nonempty = denom > 0
+    o = o / tl.where(nonempty, denom, 1.0)[:, None]
+    tl.store(O + row[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=d_ok)
+    if WRITE_LSE:
+        lse_all = tl.where(nonempty, (m_safe + tl.log2(tl.where(nonempty, denom, 1.0))) / 1.4426950408889634,
+                           float("-inf"))
+        tl.store(LSE + row, lse_all, mask=row_ok)
+
+
 # Split each row tile's key loop into masked edges and an unmasked body (False: every tile masked).
 SPLIT_MASK = True
 
 
-def _launch_config(G: int, dk: int, dv: int, on_gpu: bool) -> tuple[int, int, int, int]:
+def _launch_config(mode: int, G: int, dk: int, dv: int, on_gpu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_N, num_warps, num_stages); BLOCK_R holds at least one query's G heads."""
     if not on_gpu:  # the interpreter's cost grows with tile size, not with the number of programs
         return max(64, pow2(G)), 32, 4, 1
-    block_r, block_n, warps, stages = LAUNCH["wide" if max(pow2(dk), pow2(dv)) > 128 else "narrow"]
+    block_r, block_n, warps, stages = LAUNCH[mode, "wide" if max(pow2(dk), pow2(dv)) > 128 else "narrow"]
     return max(block_r, pow2(G)), block_n, warps, stages
 
 
 def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1, window=1, want_lse=False,
                        gates=None, o_cmp=None, o_slc=None, store_win=False, slc_block=1, init_blocks=0,
-                       local_blocks=0):
+                       local_blocks=0, splits=None):
     """Launch the interval kernel.
 
     q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], pos0 [B] int64 absolute position of query 0.
     Returns o [B, TQ, HQ, Dv] (the gated sum when gates are given), then lse [B, TQ, HQ] float32 when
     want_lse, then o_win when store_win. MODE_FORCED attends to the forced selection blocks of each
     query (the first init_blocks and the last local_blocks up to its own, keys <= its position).
+    splits (MODE_CMP): programs per row tile, each over a share of its keys, merged after (None:
+    as many as fill the GPU when the launch alone would not, common.key_splits).
     """
     B, TQ, HQ, DK = q.shape
     TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -230,12 +301,23 @@ def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1,
         gates, o_cmp, o_slc = gates.contiguous(), o_cmp.contiguous(), o_slc.contiguous()
     else:
         gates = o_cmp = o_slc = o
-    block_r, block_n, warps, stages = _launch_config(G, DK, DV, q.is_cuda)
+    block_r, block_n, warps, stages = _launch_config(mode, G, DK, DV, q.is_cuda)
     bt = block_r // G
+    if mode == MODE_CMP and B * TQ and HQ:
+        splits = key_splits(triton.cdiv(TQ, bt) * B * H, triton.cdiv(TK, block_n), q.device, splits)
+    else:
+        splits = 1
+    if splits > 1:
+        # Each split writes a partial (o float32, lse log2) that _combine_splits_kernel merges into o and lse.
+        o_part = torch.empty(splits, B, TQ, HQ, DV, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(splits, B, TQ, HQ, device=q.device, dtype=torch.float32)
+        out, out_lse = o_part, lse_part
+    else:
+        out, out_lse = o, lse
     if B * TQ and HQ:
-        grid = (triton.cdiv(TQ, bt), B * H)
+        grid = (triton.cdiv(TQ, bt), B * H, splits)
         _interval_attn_fwd_kernel[grid](
-            q, k, v, o, lse, pos0, gates, o_cmp, o_slc, o_win,
+            q, k, v, out, out_lse, pos0, gates, o_cmp, o_slc, o_win,
             scale * LOG2E, TQ, TK, H, window,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -243,7 +325,13 @@ def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1,
             MODE=mode, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
             WRITE_LSE=want_lse, FUSE_GATE=fuse, STORE_WIN=fuse and store_win, PREC=dot_precision(q.dtype),
             SPLIT=SPLIT_MASK and mode != MODE_FORCED, SLC_BLOCK=slc_block, INIT=init_blocks, LOCAL=local_blocks,
-            num_warps=warps, num_stages=stages,
+            KEY_SPLITS=splits, num_warps=warps, num_stages=stages,
+        )
+    if splits > 1:
+        rows = B * TQ * HQ
+        _combine_splits_kernel[(triton.cdiv(rows, COMBINE_ROWS),)](
+            o_part, lse_part, o, lse, rows, DV=DV, BLOCK_DV=pow2(DV, 16), SPLITS=splits, SP=pow2(splits),
+            ROWS_PER=COMBINE_ROWS, WRITE_LSE=want_lse,
         )
     out = [o]
     if want_lse:

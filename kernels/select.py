@@ -51,6 +51,7 @@ from .common import (
     check_qkv,
     dot_precision,
     forward_only,
+    key_splits,
     last_dim_contiguous,
     pow2,
     query_starts,
@@ -68,18 +69,20 @@ SPLIT_MASK = True
 SELECT_LAUNCH = (64, 4, 3)
 # With n = NB, put the first chunk's candidates straight into the empty set (False: merge them in rounds).
 FILL_FIRST = True
+# Query rows per program of the key-split merge.
+MERGE_ROWS = 16
 
 
 @triton.jit(do_not_specialize=["TQ", "TC"])
 def _select_blocks_kernel(
-    Q, KC, LSE, POS0, IDX,
+    Q, KC, LSE, POS0, IDX, KEYS_PART,
     scale_log2, TQ, TC, H,
     sqb, sqt, sqh, skb, skt, skh, slb, slt, slh,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
     TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, BC: tl.constexpr,
     INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, REMAP_FIRST: tl.constexpr,
-    SPLIT: tl.constexpr, FILL: tl.constexpr, KEY_BITS: tl.constexpr,
+    SPLIT: tl.constexpr, FILL: tl.constexpr, KEY_BITS: tl.constexpr, KEY_SPLITS: tl.constexpr,
 ):
     R: tl.constexpr = BT * GP
     PER_BLOCK: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
@@ -143,7 +146,21 @@ def _select_blocks_kernel(
     top_id = tl.full([BT, NP], -1, tl.int32)
     slot_tag = NB + col  # [NP]
     kc_base = KC + b64 * skb + h * skh
-    for j0 in range(0, last_block + 1, NB):
+    if KEY_SPLITS > 1:
+        # This program's share of the chunks, [c_lo, c_hi), whose candidates it merges. It starts one chunk
+        # earlier (if any) for the carry alone: the tokens there overlap its first block.
+        chunks = last_block // NB + 1
+        per_split = tl.cdiv(chunks, KEY_SPLITS)
+        c_lo = tl.minimum(tl.program_id(2) * per_split, chunks)
+        c_hi = tl.minimum(c_lo + per_split, chunks)
+        j_first = c_lo * NB
+        j_start = tl.where(c_lo < c_hi, tl.maximum(c_lo - 1, 0), c_hi) * NB
+        j_end = c_hi * NB
+    else:
+        j_first = 0
+        j_start = 0
+        j_end = last_block + 1
+    for j0 in range(j_start, j_end, NB):
         i = j0 * PER_BLOCK + i_loc  # [BC] compressed token ids
         i_ok = (i_loc < CHUNK) & (i < TC)
         kt = tl.load(kc_base + i.to(tl.int64)[None, :] * skt + dk[:, None],
@@ -181,12 +198,14 @@ def _select_blocks_kernel(
         score = tl.where(forced, float("inf"), blk)
         cand = (score.to(tl.int32, bitcast=True) & ~TAG) | (NB - 1 - jl)[None, :]
         cand = tl.where(j[None, :] <= cur[:, None], cand, NONE)
+        if KEY_SPLITS > 1:
+            cand = tl.where(j0 >= j_first, cand, NONE)  # the carry-only chunk before this program's share
         if FILL:
             # n = NB: every candidate of the first chunk is taken, straight into its slot.
-            take = (j0 == 0) & (cand >= 0)
+            take = (j0 == j_first) & (cand >= 0)
             top = tl.where(take, (cand & ~TAG) | slot_tag[None, :], top)
             top_id = tl.where(take, j.to(tl.int32)[None, :], top_id)
-            cand = tl.where(j0 == 0, NONE, cand)
+            cand = tl.where(j0 == j_first, NONE, cand)
         # Merge: while some candidate beats the weakest chosen block, the best candidate replaces it.
         # Keys are unique, so each round moves exactly one block per row; rows with nothing left skip.
         weakest = tl.min(top, 1)
@@ -199,15 +218,59 @@ def _select_blocks_kernel(
             top_id = tl.where(displaced, (j0 + NB - 1 - (best & TAG)).to(tl.int32)[:, None], top_id)
             cand = tl.where(cand == best[:, None], NONE, cand)
 
-    # Ascending ids, then -1: TOP_N rounds of "take the smallest remaining id".
-    ids = tl.where((top_id >= 0) & (col[None, :] < TOP_N), top_id, (1 << 31) - 1)
-    out_ids = tl.full([BT, NP], -1, tl.int32)
+    row = (b64 * TQ + tq) * H + h  # [BT] (b, t, h)
+    if KEY_SPLITS > 1:
+        # This share's set, unordered: keys to KEYS_PART, ids (-1: empty) to IDX, [KEY_SPLITS, B, TQ, H, NP].
+        row += tl.program_id(2).to(tl.int64) * tl.num_programs(1) * TQ
+        part = row[:, None] * NP + col[None, :]
+        tl.store(KEYS_PART + part, top, mask=tq_ok[:, None])
+        tl.store(IDX + part, tl.where(col[None, :] < TOP_N, top_id, -1), mask=tq_ok[:, None])
+        return
+    out_ids = _ascending_ids(top_id, col[None, :] < TOP_N, BT, NP, TOP_N)
+    tl.store(IDX + row[:, None] * TOP_N + col[None, :], out_ids, mask=tq_ok[:, None] & (col[None, :] < TOP_N))
+
+
+@triton.jit
+def _ascending_ids(ids, valid, ROWS: tl.constexpr, NP: tl.constexpr, TOP_N: tl.constexpr):
+    """[ROWS, W] block ids (valid ones distinct) -> [ROWS, NP]: the valid ids ascending, then -1 (at most TOP_N).
+
+    TOP_N rounds of "take the smallest remaining id"."""
+    col = tl.arange(0, NP)
+    ids = tl.where(valid & (ids >= 0), ids, (1 << 31) - 1)
+    out_ids = tl.full([ROWS, NP], -1, tl.int32)
     for slot in tl.static_range(TOP_N):
         least = tl.min(ids, 1)[:, None]
         out_ids = tl.where(col[None, :] == slot, tl.where(least == (1 << 31) - 1, -1, least), out_ids)
         ids = tl.where(ids == least, (1 << 31) - 1, ids)
-    out = IDX + ((b64 * TQ + tq) * H + h)[:, None] * TOP_N + col[None, :]
-    tl.store(out, out_ids, mask=tq_ok[:, None] & (col[None, :] < TOP_N))
+    return out_ids
+
+
+@triton.jit
+def _merge_split_sets_kernel(KEYS_PART, IDS_PART, IDX, ROWS, KEY_BITS: tl.constexpr, SPLITS: tl.constexpr,
+                             SP: tl.constexpr, NP: tl.constexpr, TOP_N: tl.constexpr, ROWS_PER: tl.constexpr):
+    """The n best of the key splits' sets, ids ascending then -1: IDX [ROWS, TOP_N] from [SPLITS, ROWS, NP].
+
+    A key's score is its bits above the tag; equal scores go to the lower block id, as in the reference."""
+    TAG: tl.constexpr = (1 << KEY_BITS) - 1
+    NONE: tl.constexpr = -(1 << 31)
+    W: tl.constexpr = SP * NP
+    row = tl.program_id(0).to(tl.int64) * ROWS_PER + tl.arange(0, ROWS_PER)  # [RP]
+    e = tl.arange(0, W)  # entry: split e // NP, slot e % NP
+    row_ok = row < ROWS
+    ok = row_ok[:, None] & (e[None, :] // NP < SPLITS)
+    offs = ((e[None, :] // NP) * ROWS + row[:, None]) * NP + e[None, :] % NP
+    ids = tl.load(IDS_PART + offs, mask=ok, other=-1)
+    score = tl.where(ids >= 0, tl.load(KEYS_PART + offs, mask=ok, other=NONE) & ~TAG, NONE)  # [RP, W]
+    chosen = tl.zeros([ROWS_PER, W], tl.int32)
+    for _ in tl.static_range(TOP_N):
+        best = tl.max(score, 1)[:, None]
+        pick = tl.min(tl.where(score == best, ids, (1 << 31) - 1), 1)[:, None]  # the lowest id of the best
+        hit = (ids == pick) & (best > NONE)
+        chosen = tl.where(hit, 1, chosen)
+        score = tl.where(hit, NONE, score)
+    out_ids = _ascending_ids(ids, chosen > 0, ROWS_PER, NP, TOP_N)
+    col = tl.arange(0, NP)
+    tl.store(IDX + row[:, None] * TOP_N + col[None, :], out_ids, mask=row_ok[:, None] & (col[None, :] < TOP_N))
 
 
 def key_bits(nb: int, top_n: int) -> int:
@@ -262,7 +325,10 @@ def check_selection_config(cmp_block, cmp_stride, slc_block, top_n, init_blocks,
         raise ValueError(f"top_n ({top_n}) exceeds the kernel's limit of 256")
 
 
-def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, scale, init_blocks, local_blocks):
+def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, scale, init_blocks, local_blocks,
+            splits=None):
+    """Launch without argument checks. splits: programs per query tile, each over a share of the candidate
+    blocks, their sets merged after (None: as many as fill the GPU when the launch alone would not)."""
     B, TQ, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
@@ -270,16 +336,31 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
     lse = lse.float()
     idx = torch.empty(B, TQ, H, top_n, device=q.device, dtype=torch.int32)
     gp, bt, nb, bc, warps, stages = _launch_config(G, DK, top_n, slc_block // cmp_stride, q.is_cuda)
-    if B * TQ * H:
-        grid = (triton.cdiv(TQ, bt), B * H)
-        _select_blocks_kernel[grid](
-            q, k_cmp, lse, pos0, idx, scale * LOG2E, TQ, TC, H,
-            q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2),
-            G=G, GP=gp, BT=bt, DK=DK, BLOCK_DK=pow2(DK, 16), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-            SLC_BLOCK=slc_block, TOP_N=top_n, NP=pow2(top_n), NB=nb, BC=bc, INIT=init_blocks,
-            LOCAL=local_blocks, PREC=dot_precision(q.dtype), REMAP_FIRST=REMAP_FIRST,
-            SPLIT=SPLIT_MASK, FILL=FILL_FIRST and nb == top_n, KEY_BITS=key_bits(nb, top_n),
-            num_warps=warps, num_stages=stages,
+    if B * TQ * H == 0:
+        return idx
+    chunks = triton.cdiv(triton.cdiv(TC * cmp_stride + cmp_block, slc_block), nb)  # at most, for any query
+    splits = key_splits(triton.cdiv(TQ, bt) * B * H, chunks, q.device, splits)
+    np_ = pow2(top_n)
+    if splits > 1:  # each split's set, unordered, for _merge_split_sets_kernel
+        keys_part = torch.empty(splits, B, TQ, H, np_, device=q.device, dtype=torch.int32)
+        ids_part = torch.empty_like(keys_part)
+    else:
+        keys_part = ids_part = idx  # the kernel writes the ascending ids to idx and no keys
+    grid = (triton.cdiv(TQ, bt), B * H, splits)
+    _select_blocks_kernel[grid](
+        q, k_cmp, lse, pos0, ids_part, keys_part, scale * LOG2E, TQ, TC, H,
+        q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        G=G, GP=gp, BT=bt, DK=DK, BLOCK_DK=pow2(DK, 16), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+        SLC_BLOCK=slc_block, TOP_N=top_n, NP=np_, NB=nb, BC=bc, INIT=init_blocks,
+        LOCAL=local_blocks, PREC=dot_precision(q.dtype), REMAP_FIRST=REMAP_FIRST,
+        SPLIT=SPLIT_MASK, FILL=FILL_FIRST and nb == top_n, KEY_BITS=key_bits(nb, top_n),
+        KEY_SPLITS=splits, num_warps=warps, num_stages=stages,
+    )
+    if splits > 1:
+        rows = B * TQ * H
+        _merge_split_sets_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
+            keys_part, ids_part, idx, rows, KEY_BITS=key_bits(nb, top_n), SPLITS=splits, SP=pow2(splits), NP=np_,
+            TOP_N=top_n, ROWS_PER=MERGE_ROWS,
         )
     return idx

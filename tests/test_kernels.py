@@ -200,6 +200,55 @@ def test_select_blocks_last_queries_of_longer_sequence():
     assert_same_selection(idx, idx_ref, scores, starts[:, None] + torch.arange(6), slc_block=L_SLC)
 
 
+@pytest.mark.parametrize(("G", "n"), [(1, 16), (4, 5)])
+def test_key_splits_match_one_program_per_tile(G, n):
+    """Decode-like launches (few queries, many keys) share each tile's keys among programs: the compressed
+    branch's partials merge into the reference's (o, lse), every row empty or not, and the selection's
+    per-split sets merge into the single program's choice. 80 blocks in 5 score chunks, so split shares
+    start after a carry-only chunk, and with n = 16 the first chunk of each share fills its set."""
+    from kernels.common import query_starts
+    from kernels.interval_attention import MODE_CMP, interval_attention
+    from kernels.select import _select
+
+    l, d, ls = 8, 4, 8
+    q, _, _ = _qkv(2, 3, 3, 2, G)
+    k_cmp, v_cmp = _cmp_kv(2, 640, 2)
+    k_cmp = k_cmp[:, : (640 - l) // d + 1]
+    v_cmp = v_cmp[:, : (640 - l) // d + 1]
+    starts = torch.tensor([637, 2])  # the last queries of 640 keys, and queries that see no compressed token
+    pos0 = query_starts(starts, 2, 0, q.device)
+    cmp = {"cmp_block": l, "cmp_stride": d}
+    o_ref, lse_ref = ref.compressed_attention(q, k_cmp, v_cmp, **cmp, q_start=starts)
+    for splits in (2, 3, 7):
+        o, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=16**-0.5, want_lse=True, splits=splits,
+                                    **cmp)
+        _close(o, o_ref)
+        assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)) and (o[1] == 0).all()
+        _close(lse[~torch.isinf(lse)], lse_ref[~torch.isinf(lse_ref)])
+    args = {**cmp, "slc_block": ls, "top_n": n, "scale": 16**-0.5, "init_blocks": 1, "local_blocks": 2}
+    one = _select(q, k_cmp, lse_ref, pos0, **args, splits=1)
+    scores = ref.importance_scores(q, k_cmp, lse_ref, **cmp, slc_block=ls, q_start=starts)
+    idx_ref = ref.select_blocks(q, k_cmp, lse_ref, **cmp, slc_block=ls, top_n=n, q_start=starts)
+    for splits in (2, 3, 7):
+        idx = _select(q, k_cmp, lse_ref, pos0, **args, splits=splits)
+        assert torch.equal(idx, one)
+        assert_same_selection(idx, idx_ref, scores, starts[:, None] + torch.arange(3), slc_block=ls)
+
+
+def test_key_splits_only_where_a_launch_leaves_the_gpu_idle():
+    from kernels.common import MAX_KEY_SPLITS, key_splits
+
+    cpu = torch.device("cpu")
+    assert key_splits(1, 1000, cpu) == 1  # the interpreter: one program per tile unless forced
+    assert key_splits(1, 1000, cpu, 5) == 5
+    assert key_splits(1, 3, cpu, 5) == 3 and key_splits(1, 3, cpu, 0) == 1
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        assert key_splits(10_000, 1000, gpu) == 1  # prefill: programs fill the GPU already
+        assert 1 < key_splits(32, 1000, gpu) <= MAX_KEY_SPLITS  # decode at B * H = 32
+        assert key_splits(32, 7, gpu) == 1  # too few key tiles to share
+
+
 def _random_block_idx(B, TQ, H, n, pos, slc_block=L_SLC):
     """Valid causal block ids ascending then -1, with a random number of empty slots per row."""
     cur = pos // slc_block  # [B, TQ]
@@ -297,15 +346,22 @@ def test_nsa_attention_parts_match_reference(G, slc_scores):
     assert torch.equal(o, parts.o)
 
 
-@pytest.mark.parametrize("forced_dense", [False, True])
-def test_nsa_attention_decode_step_with_independent_window_kv(forced_dense, monkeypatch):
+@pytest.mark.parametrize(("forced_dense", "splits", "TK"), [(False, 1, 70), (True, 1, 70), (True, 3, 300)],
+                         ids=["forced-gathered", "forced-dense", "key-splits"])
+def test_nsa_attention_decode_step_with_independent_window_kv(forced_dense, splits, TK, monkeypatch):
+    """A decode step (3 queries at the end of TK keys); with key splits the compressed branch and the
+    selection share each query tile's keys among 3 programs, as on a GPU where B * H programs are too few."""
+    from kernels import interval_attention as ia
     from kernels import nsa as nsa_mod
+    from kernels import select as select_mod
 
     monkeypatch.setattr(nsa_mod, "FORCED_DENSE", forced_dense)
+    for mod in (ia, select_mod):
+        monkeypatch.setattr(mod, "key_splits", lambda programs, tiles, device, forced=None: max(1, min(splits, tiles)))
     cfg = _config(3, kv_mode="independent")
-    q, k, v = _qkv(2, 3, 70, 2, 3)
+    q, k, v = _qkv(2, 3, TK, 2, 3)
     k_win, v_win = torch.randn_like(k), torch.randn_like(v)
-    k_cmp, v_cmp = _cmp_kv(2, 70, 2)
+    k_cmp, v_cmp = _cmp_kv(2, TK, 2)
     gates = torch.rand(2, 3, 6, 3)
     got = kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg, k_win=k_win, v_win=v_win)
     want = ref.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg, k_win=k_win, v_win=v_win)

@@ -107,6 +107,34 @@ def test_decode_and_chunked_prefill_bf16():
     _check("compressed decode", o, o_pt, o64)
 
 
+@pytest.mark.parametrize("HQ", [16, 64], ids=["G4", "G16"])
+def test_decode_with_key_splits_bf16(HQ):
+    """One token for each of 4 sequences over a 16k cache: B * H = 16 programs per launch, so the compressed
+    branch and the selection share each query's keys among several programs (common.key_splits)."""
+    from kernels.common import key_splits, query_starts
+    from kernels.select import _select
+
+    T = 16384 + 5
+    q, k, v, k_cmp, v_cmp = _inputs(T, HQ, 4, 128, 128, B=4)
+    q = q[:, -1:]
+    starts = torch.tensor([T - 1, T - 1, T - 700, 9000], device="cuda")
+    assert key_splits(4 * 4, k_cmp.shape[1] // 64, q.device) > 1
+    cmp = {"cmp_block": 32, "cmp_stride": 16}
+    o, lse = kernels.compressed_attention(q, k_cmp, v_cmp, **cmp, q_start=starts)
+    o_pt, lse_pt = ref.compressed_attention(q, k_cmp, v_cmp, **cmp, q_start=starts)
+    o64, lse64 = ref.compressed_attention(q.double(), k_cmp.double(), v_cmp.double(), **cmp, q_start=starts)
+    _check("compressed decode, key splits", o, o_pt, o64)
+    assert (lse - lse64).abs().max() < 2e-2
+
+    pos0 = query_starts(starts, 4, 0, q.device)
+    sel = {**cmp, "slc_block": 64, "top_n": 16, "scale": 128**-0.5, "init_blocks": 1, "local_blocks": 2}
+    idx = _select(q, k_cmp, lse_pt, pos0, **sel)
+    assert torch.equal(idx, _select(q, k_cmp, lse_pt, pos0, **sel, splits=1))
+    scores = ref.importance_scores(q, k_cmp, lse_pt, **cmp, slc_block=64, q_start=starts)
+    idx_ref = ref.select_blocks(q, k_cmp, lse_pt, **cmp, slc_block=64, top_n=16, q_start=starts)
+    assert_same_selection(idx, idx_ref, scores, starts[:, None].cpu(), slc_block=64)
+
+
 @pytest.mark.parametrize("HQ", [16, 64], ids=["G4-block-path", "G16-group-path"])
 def test_nsa_attention_with_injected_selection_bf16(HQ):
     cfg = NSAConfig(n_head=HQ, n_kv_head=4, head_dim=128, v_head_dim=128, **PAPER)
