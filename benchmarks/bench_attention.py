@@ -14,7 +14,8 @@ all heads), and fla-core's parallel_nsa where it allows the shape (G >= 16, powe
 Decode (--decode-lengths, the shapes "decode-paper128" and "decode-small"): one new token for each
 of B = 8 sequences whose keys, values and compressed tokens are cached, the same stages, against
 dense SDPA over the cache (GQA, no KV expansion) and fla's parallel_nsa with q = the last token
-(which pools its compressed keys from k and v on every call: that is its API).
+(which pools its compressed keys from k and v on every call: that is its API). The whole step and
+dense SDPA are also timed as CUDA-graph replays, the GPU time without the host's launch overhead.
 
 The ceilings (device copy bandwidth, bf16 matmul rate) are measured too. Writes
 benchmarks/results/<card>-<date>.json and prints a table.
@@ -67,6 +68,20 @@ def ceilings():
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_ms = bench(lambda: a @ b)
     return {"copy_TBps": 2 * x.numel() / copy_ms / 1e9, "matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def cuda_graph(fn):
+    """fn captured in a CUDA graph (after warm-up launches on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _recorder(shape, T, rows, errors):
@@ -176,9 +191,24 @@ def run_decode(name, T, rows, errors):
         record("slc", "triton", lambda: run_selected(q, k, v, idx, pos0, slc_block=64, scale=scale))
         record("win+gate", "triton", lambda: window_gated_sum(q, k, v, gates, o_cmp, o_slc, pos0, window=512,
                                                               scale=scale, store_win=False))
-        record("nsa", "triton", lambda: kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg))
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        record("dense", "sdpa-gqa", lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True))
+
+        def nsa():
+            return kernels.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg)
+
+        def dense():
+            return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+        record("nsa", "triton", nsa)
+        record("dense", "sdpa-gqa", dense)
+        # A serving loop replays a decode step as a CUDA graph: the GPU time without the host's launches.
+        for stage, impl, fn in (("nsa", "triton-cuda-graph", nsa), ("dense", "sdpa-gqa-cuda-graph", dense)):
+            try:
+                replay = cuda_graph(fn)
+            except Exception as err:
+                errors.append(f"{shape} T={T} {stage}/{impl}: capture: {type(err).__name__}: {str(err)[:200]}")
+            else:
+                record(stage, impl, replay)
         if G >= 16 and G & (G - 1) == 0 and dk == dv:
             try:
                 from fla.ops.nsa import parallel_nsa

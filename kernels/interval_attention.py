@@ -15,7 +15,9 @@ tensor-core M dimension is full for any G from 1 to 64 (for G = 3, BLOCK_R = 64 
 and one idle row). The window kernel can also apply the gated sum (Eq. 5) in its epilogue, reading
 o_cmp, o_slc and the gates, which saves a pass over the outputs. Tiles that every row of a program
 sees whole run without the visibility mask (SPLIT_MASK: masked head, unmasked body, masked tail), and
-compressed-branch programs run longest first.
+compressed-branch programs run longest first. When a compressed-branch launch has too few row tiles to
+fill the GPU (decode: B * H programs), each tile's keys are shared out among KEY_SPLITS programs
+(flash-decoding) whose partial (o, lse) a second kernel merges (common.key_splits picks the count).
 
 Shapes: q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], Dk and Dv up to 256 and independent
 (192 is padded to a 256 tile with masked loads); any TQ <= TK, per-batch query offsets (q_start).

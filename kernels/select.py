@@ -14,7 +14,10 @@ share is carried over in a [BT] register instead of re-reading keys. After each 
 candidates are merged into the running top-n set: while a candidate beats the weakest chosen block,
 the best candidate replaces it. The state stays [BT, n] whatever the sequence length, and the rounds
 (cross-thread reductions) shrink as the set improves; when n = NB the first chunk fills the empty
-set without rounds (FILL_FIRST).
+set without rounds (FILL_FIRST). When the launch has too few query tiles to fill the GPU (decode), the
+chunks of each tile are shared out among KEY_SPLITS programs (common.key_splits); each keeps its own
+set, starting one chunk early for the carry alone, and a second kernel keeps the n best of their sets
+(equal scores to the lower id).
 
 The merge compares int32 keys: the score's float32 bits (non-negative, so integer order is score
 order) with the lowest KEY_BITS of the mantissa replaced by a tag that makes every key of a row

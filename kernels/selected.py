@@ -147,7 +147,8 @@ def selected_attention(q, k, v, block_idx, *, slc_block, scale=None, q_start=Non
 def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, forced=None):
     """Launch without argument checks (callers validated them).
 
-    path: "group" (paper kernel), "block" (block-centric) or None to choose by group size.
+    path: "group" (paper kernel), "block" (block-centric) or None to choose: the block path for groups up to
+    BLOCK_PATH_MAX_GROUP when the queries share blocks (BLOCK_PATH_MIN_SHARE), the group path otherwise.
     forced: None, or (o_f, lse_f, init_blocks, local_blocks) with the attention of every query over its
     forced blocks already computed (interval kernel, MODE_FORCED): their slots are then skipped and
     that softmax is merged in, so the output is the same attention over all the selected blocks.
@@ -156,7 +157,8 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
     TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // H
     if path is None:
-        path = "block" if G <= BLOCK_PATH_MAX_GROUP else "group"
+        slots_per_block = TQ * block_idx.shape[-1] / triton.cdiv(TK, slc_block)  # the block path's sharing
+        path = "block" if G <= BLOCK_PATH_MAX_GROUP and slots_per_block >= BLOCK_PATH_MIN_SHARE else "group"
     if path not in ("group", "block"):
         raise ValueError(f"path must be 'group', 'block' or None, got {path!r}")
     q, k, v, block_idx = (last_dim_contiguous(x) for x in (q, k, v, block_idx))
@@ -191,8 +193,11 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
 # fastest of benchmarks/bench_attention.py --tune's candidates, narrow at paper128 (H200), wide at
 # paper192 (H100: (64, 4, 2) 23.8 ms against 27.9 for (32, 4, 3) over the slots that are not forced).
 GROUP_LAUNCH = {"narrow": (64, 4, 3), "wide": (64, 4, 2)}
-# Groups up to this size take the block-centric path by default.
+# Groups up to this size take the block-centric path by default, when the queries' slots per key block
+# (TQ * n / blocks, how many pairs could share one load) reach BLOCK_PATH_MIN_SHARE: a decode step or a
+# short chunk over a long cache shares nothing and would pay the sort and the partials for no saving.
 BLOCK_PATH_MAX_GROUP = 8
+BLOCK_PATH_MIN_SHARE = 2
 # Block-centric launch on a GPU: (rows = pairs x G per program, num_warps, num_stages). More pairs per
 # program, fewer re-reads of a block.
 BLOCK_PATH_LAUNCH = (128, 4, 2)
