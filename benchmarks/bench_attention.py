@@ -98,32 +98,60 @@ def _recorder(shape, T, rows, errors):
     return record
 
 
-def run_shape(name, T, rows, errors):
+def _layer_inputs(name, T, B=1, TQ=None):
+    """Random bfloat16 inputs of one layer: TQ queries (all T by default) that are the last of T keys, for B
+    sequences. Returns (cfg, q, k, v, k_cmp, v_cmp, gates, pos0, scale)."""
     HQ, H, dk, dv = SHAPES[name]
-    G = HQ // H
+    TQ = T if TQ is None else TQ
     cfg = NSAConfig(n_head=HQ, n_kv_head=H, head_dim=dk, v_head_dim=dv, **GEOMETRY)
     tc = (T - cfg.cmp_block) // cfg.cmp_stride + 1
-    dev, bf = "cuda", torch.bfloat16
-    q = torch.randn(1, T, HQ, dk, device=dev, dtype=bf)
-    k = torch.randn(1, T, H, dk, device=dev, dtype=bf)
-    v = torch.randn(1, T, H, dv, device=dev, dtype=bf)
-    k_cmp = torch.randn(1, tc, H, dk, device=dev, dtype=bf)
-    v_cmp = torch.randn(1, tc, H, dv, device=dev, dtype=bf)
-    gates = torch.rand(1, T, HQ, 3, device=dev, dtype=bf)
-    pos0 = query_starts(None, 1, 0, q.device)
-    scale = dk**-0.5
-    geo = {"cmp_block": cfg.cmp_block, "cmp_stride": cfg.cmp_stride}
 
+    def rnd(*shape, fill=torch.randn):
+        return fill(*shape, device="cuda", dtype=torch.bfloat16)
+
+    q = rnd(B, TQ, HQ, dk)
+    gates = rnd(B, TQ, HQ, 3, fill=torch.rand)
+    pos0 = query_starts(None, B, T - TQ, q.device)
+    return (cfg, q, rnd(B, T, H, dk), rnd(B, T, H, dv), rnd(B, tc, H, dk), rnd(B, tc, H, dv), gates, pos0,
+            dk**-0.5)
+
+
+def _time_front(record, cfg, q, k, v, k_cmp, v_cmp, pos0, scale):
+    """Time the compressed branch and select; return their outputs and the selected branch's:
+    (o_cmp, lse, block_idx, o_slc) for the later stages."""
+    geo = {"cmp_block": cfg.cmp_block, "cmp_stride": cfg.cmp_stride}
+    sel = {**geo, "slc_block": cfg.slc_block, "top_n": cfg.top_n, "scale": scale, "init_blocks": 1, "local_blocks": 2}
+    o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, want_lse=True, **geo)
+    idx = _select(q, k_cmp, lse, pos0, **sel)
+    o_slc = run_selected(q, k, v, idx, pos0, slc_block=cfg.slc_block, scale=scale)
+    record("cmp", "triton", lambda: interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale,
+                                                       want_lse=True, **geo))
+    record("select", "triton", lambda: _select(q, k_cmp, lse, pos0, **sel))
+    return o_cmp, lse, idx, o_slc
+
+
+def _time_fla(record, errors, q, k, v, gates):
+    """fla-core's parallel_nsa (no window) where it takes the shape: G >= 16 a power of two, Dk = Dv."""
+    G = q.shape[2] // k.shape[2]
+    if G < 16 or G & (G - 1) or q.shape[3] != v.shape[3]:
+        return
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except ImportError as err:
+        errors.append(f"fla-core not importable: {err}")
+        return
+    g_cmp, g_slc = gates[..., 0].contiguous(), gates[..., 1].contiguous()
+    record("nsa-no-window", "fla-parallel_nsa",
+           lambda: parallel_nsa(q, k, v, g_cmp, g_slc, block_counts=16, block_size=64))
+
+
+def run_shape(name, T, rows, errors):
+    cfg, q, k, v, k_cmp, v_cmp, gates, pos0, scale = _layer_inputs(name, T)
+    G = q.shape[2] // k.shape[2]
     record = _recorder(name, T, rows, errors)
 
     with torch.no_grad():
-        o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, want_lse=True, **geo)
-        idx = _select(q, k_cmp, lse, pos0, **geo, slc_block=64, top_n=16, scale=scale, init_blocks=1, local_blocks=2)
-        o_slc = run_selected(q, k, v, idx, pos0, slc_block=64, scale=scale)
-        record("cmp", "triton", lambda: interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale,
-                                                           want_lse=True, **geo))
-        record("select", "triton", lambda: _select(q, k_cmp, lse, pos0, **geo, slc_block=64, top_n=16, scale=scale,
-                                                   init_blocks=1, local_blocks=2))
+        o_cmp, lse, idx, o_slc = _time_front(record, cfg, q, k, v, k_cmp, v_cmp, pos0, scale)
         for path in ("group", "block"):
             record("slc", f"triton-{path}", lambda p=path: run_selected(q, k, v, idx, pos0, slc_block=64,
                                                                         scale=scale, path=p))
@@ -151,43 +179,17 @@ def run_shape(name, T, rows, errors):
                     return F.scaled_dot_product_attention(qt, ke, ve, is_causal=True)
             record("dense", label, dense)
         ke = ve = None  # the dense closures are done with them: free the memory before fla runs
-        if G >= 16 and G & (G - 1) == 0 and dk == dv:
-            try:
-                from fla.ops.nsa import parallel_nsa
-            except ImportError as err:
-                errors.append(f"fla-core not importable: {err}")
-            else:
-                g_cmp, g_slc = gates[..., 0].contiguous(), gates[..., 1].contiguous()
-                record("nsa-no-window", "fla-parallel_nsa",
-                       lambda: parallel_nsa(q, k, v, g_cmp, g_slc, block_counts=16, block_size=64))
+        _time_fla(record, errors, q, k, v, gates)
+
 
 def run_decode(name, T, rows, errors):
     """One decode step: q [B, 1, HQ, D] (the token at position T - 1) over cached k, v, k_cmp, v_cmp of T keys."""
-    HQ, H, dk, dv = SHAPES[name]
-    G, B = HQ // H, DECODE_BATCH
+    cfg, q, k, v, k_cmp, v_cmp, gates, pos0, scale = _layer_inputs(name, T, B=DECODE_BATCH, TQ=1)
     shape = f"decode-{name}"
-    cfg = NSAConfig(n_head=HQ, n_kv_head=H, head_dim=dk, v_head_dim=dv, **GEOMETRY)
-    tc = (T - cfg.cmp_block) // cfg.cmp_stride + 1
-    dev, bf = "cuda", torch.bfloat16
-    q = torch.randn(B, 1, HQ, dk, device=dev, dtype=bf)
-    k = torch.randn(B, T, H, dk, device=dev, dtype=bf)
-    v = torch.randn(B, T, H, dv, device=dev, dtype=bf)
-    k_cmp = torch.randn(B, tc, H, dk, device=dev, dtype=bf)
-    v_cmp = torch.randn(B, tc, H, dv, device=dev, dtype=bf)
-    gates = torch.rand(B, 1, HQ, 3, device=dev, dtype=bf)
-    pos0 = query_starts(None, B, T - 1, q.device)
-    scale = dk**-0.5
-    geo = {"cmp_block": cfg.cmp_block, "cmp_stride": cfg.cmp_stride}
     record = _recorder(shape, T, rows, errors)
 
     with torch.no_grad():
-        o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, want_lse=True, **geo)
-        idx = _select(q, k_cmp, lse, pos0, **geo, slc_block=64, top_n=16, scale=scale, init_blocks=1, local_blocks=2)
-        o_slc = run_selected(q, k, v, idx, pos0, slc_block=64, scale=scale)
-        record("cmp", "triton", lambda: interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale,
-                                                           want_lse=True, **geo))
-        record("select", "triton", lambda: _select(q, k_cmp, lse, pos0, **geo, slc_block=64, top_n=16, scale=scale,
-                                                   init_blocks=1, local_blocks=2))
+        o_cmp, _, idx, o_slc = _time_front(record, cfg, q, k, v, k_cmp, v_cmp, pos0, scale)
         record("slc", "triton", lambda: run_selected(q, k, v, idx, pos0, slc_block=64, scale=scale))
         record("win+gate", "triton", lambda: window_gated_sum(q, k, v, gates, o_cmp, o_slc, pos0, window=512,
                                                               scale=scale, store_win=False))
@@ -209,15 +211,7 @@ def run_decode(name, T, rows, errors):
                 errors.append(f"{shape} T={T} {stage}/{impl}: capture: {type(err).__name__}: {str(err)[:200]}")
             else:
                 record(stage, impl, replay)
-        if G >= 16 and G & (G - 1) == 0 and dk == dv:
-            try:
-                from fla.ops.nsa import parallel_nsa
-            except ImportError as err:
-                errors.append(f"fla-core not importable: {err}")
-            else:
-                g_cmp, g_slc = gates[..., 0].contiguous(), gates[..., 1].contiguous()
-                record("nsa-no-window", "fla-parallel_nsa",
-                       lambda: parallel_nsa(q, k, v, g_cmp, g_slc, block_counts=16, block_size=64))
+        _time_fla(record, errors, q, k, v, gates)
 
 
 def tune(rows, errors, T, knobs=()):
@@ -374,23 +368,17 @@ def main(argv=None) -> int:
         path.write_text(json.dumps({**meta, "errors": errors, "results": rows}, indent=1) + "\n")
 
     save()
-    for T in sorted(args.lengths, reverse=True):  # the longest first: the goals are set at 64k
-        for name in args.shapes:
-            try:
-                run_shape(name, T, rows, errors)
-            except Exception:
-                errors.append(f"{name} T={T}: {traceback.format_exc(limit=3)}")
-            torch.cuda.empty_cache()
-            save()
-            print(f"done {name} T={T}", flush=True)
-    for T in args.decode_lengths:
-        for name in ("paper128", "small"):
-            try:
-                run_decode(name, T, rows, errors)
-            except Exception:
-                errors.append(f"decode {name} T={T}: {traceback.format_exc(limit=3)}")
-            torch.cuda.empty_cache()
-            save()
+    # Prefill, the longest first (the goals are set at 64k), then the decode step.
+    runs = [(run_shape, name, T) for T in sorted(args.lengths, reverse=True) for name in args.shapes]
+    runs += [(run_decode, name, T) for T in args.decode_lengths for name in ("paper128", "small")]
+    for run, name, T in runs:
+        try:
+            run(name, T, rows, errors)
+        except Exception:
+            errors.append(f"{run.__name__} {name} T={T}: {traceback.format_exc(limit=3)}")
+        torch.cuda.empty_cache()
+        save()
+        print(f"done {run.__name__} {name} T={T}", flush=True)
     print(f"{card}: copy {meta['copy_TBps']} TB/s, bf16 matmul {meta['matmul_TFLOPs']} TFLOP/s -> {path}")
     for err in errors:
         print("ERROR", err)
