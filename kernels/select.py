@@ -72,9 +72,10 @@ SPLIT_MASK = True
 SELECT_LAUNCH = (64, 4, 3)
 # With n = NB, put the first chunk's candidates straight into the empty set (False: merge them in rounds).
 FILL_FIRST = True
-# Query rows per program of the key-split merge: one, so that a decode step's few rows spread over the SMs
-# (16 rows per program took 46 us at B * H = 32 on an H100, two programs doing 48 serial reductions each).
-MERGE_ROWS = 1
+# Query rows per program of the key-split merge. At B * H = 32 rows (a decode step) that is two programs,
+# which took 46 us at 64k on an H100 (9 splits, 48 serial reductions each): fewer rows per program would
+# spread them over the SMs, but that setting has not run on a GPU yet.
+MERGE_ROWS = 16
 
 
 @triton.jit(do_not_specialize=["TQ", "TC"])
@@ -365,6 +366,6 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
         rows = B * TQ * H
         _merge_split_sets_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
             keys_part, ids_part, idx, rows, KEY_BITS=key_bits(nb, top_n), SPLITS=splits, SP=pow2(splits), NP=np_,
-            TOP_N=top_n, ROWS_PER=MERGE_ROWS, num_warps=2,
+            TOP_N=top_n, ROWS_PER=MERGE_ROWS,
         )
     return idx
