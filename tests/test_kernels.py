@@ -210,11 +210,9 @@ def test_key_splits_match_one_program_per_tile(G, n):
     from kernels.interval_attention import MODE_CMP, interval_attention
     from kernels.select import _select
 
-    l, d, ls = 8, 4, 8
+    l, d, ls = L, D_STRIDE, 8
     q, _, _ = _qkv(2, 3, 3, 2, G)
-    k_cmp, v_cmp = _cmp_kv(2, 640, 2)
-    k_cmp = k_cmp[:, : (640 - l) // d + 1]
-    v_cmp = v_cmp[:, : (640 - l) // d + 1]
+    k_cmp, v_cmp = _cmp_kv(2, 640, 2)  # the compressed tokens of 640 keys
     starts = torch.tensor([637, 2])  # the last queries of 640 keys, and queries that see no compressed token
     pos0 = query_starts(starts, 2, 0, q.device)
     cmp = {"cmp_block": l, "cmp_stride": d}
@@ -361,8 +359,12 @@ def test_nsa_attention_decode_step_with_independent_window_kv(forced_dense, spli
     from kernels import select as select_mod
 
     monkeypatch.setattr(nsa_mod, "FORCED_DENSE", forced_dense)
+
+    def fixed_splits(programs, tiles, device, requested=None):
+        return max(1, min(splits, tiles))
+
     for mod in (ia, select_mod):
-        monkeypatch.setattr(mod, "key_splits", lambda programs, tiles, device, forced=None: max(1, min(splits, tiles)))
+        monkeypatch.setattr(mod, "key_splits", fixed_splits)
     cfg = _config(3, kv_mode="independent")
     q, k, v = _qkv(2, 3, TK, 2, 3)
     k_win, v_win = torch.randn_like(k), torch.randn_like(v)
