@@ -117,8 +117,7 @@ def _layer_inputs(name, T, B=1, TQ=None):
 
 
 def _time_front(record, cfg, q, k, v, k_cmp, v_cmp, pos0, scale):
-    """Time the compressed branch and select; return their outputs and the selected branch's:
-    (o_cmp, lse, block_idx, o_slc) for the later stages."""
+    """Time the compressed branch and select; return (o_cmp, block_idx, o_slc) for the later stages."""
     geo = {"cmp_block": cfg.cmp_block, "cmp_stride": cfg.cmp_stride}
     sel = {**geo, "slc_block": cfg.slc_block, "top_n": cfg.top_n, "scale": scale, "init_blocks": 1, "local_blocks": 2}
     o_cmp, lse = interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale, want_lse=True, **geo)
@@ -127,7 +126,7 @@ def _time_front(record, cfg, q, k, v, k_cmp, v_cmp, pos0, scale):
     record("cmp", "triton", lambda: interval_attention(q, k_cmp, v_cmp, pos0, mode=MODE_CMP, scale=scale,
                                                        want_lse=True, **geo))
     record("select", "triton", lambda: _select(q, k_cmp, lse, pos0, **sel))
-    return o_cmp, lse, idx, o_slc
+    return o_cmp, idx, o_slc
 
 
 def _time_fla(record, errors, q, k, v, gates):
@@ -151,7 +150,7 @@ def run_shape(name, T, rows, errors):
     record = _recorder(name, T, rows, errors)
 
     with torch.no_grad():
-        o_cmp, lse, idx, o_slc = _time_front(record, cfg, q, k, v, k_cmp, v_cmp, pos0, scale)
+        o_cmp, idx, o_slc = _time_front(record, cfg, q, k, v, k_cmp, v_cmp, pos0, scale)
         for path in ("group", "block"):
             record("slc", f"triton-{path}", lambda p=path: run_selected(q, k, v, idx, pos0, slc_block=64,
                                                                         scale=scale, path=p))
@@ -189,7 +188,7 @@ def run_decode(name, T, rows, errors):
     record = _recorder(shape, T, rows, errors)
 
     with torch.no_grad():
-        o_cmp, _, idx, o_slc = _time_front(record, cfg, q, k, v, k_cmp, v_cmp, pos0, scale)
+        o_cmp, idx, o_slc = _time_front(record, cfg, q, k, v, k_cmp, v_cmp, pos0, scale)
         record("slc", "triton", lambda: run_selected(q, k, v, idx, pos0, slc_block=64, scale=scale))
         record("win+gate", "triton", lambda: window_gated_sum(q, k, v, gates, o_cmp, o_slc, pos0, window=512,
                                                               scale=scale, store_win=False))
