@@ -22,8 +22,8 @@ fill the GPU (decode: B * H programs), each tile's keys are shared out among KEY
 Shapes: q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], Dk and Dv up to 256 and independent
 (192 is padded to a 256 tile with masked loads); any TQ <= TK, per-batch query offsets (q_start).
 Tested: float32 under TRITON_INTERPRET=1 (Triton 3.9, small shapes, G in 1, 3, 4, 16) and bfloat16
-on an NVIDIA H100 and an NVIDIA H200 (Triton 3.6) up to T = 16k, Dk 128 and 192. Known limits:
-forward only; MODE_FORCED masks every tile.
+on an NVIDIA H100 and an NVIDIA H200 (Triton 3.6) up to T = 16k, Dk 128 and 192; key splits on the
+H100 (decode over a 16k cache, G 4 and 16). Known limits: forward only; MODE_FORCED masks every tile.
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ G rows of the NB-wide result (REMAP_FIRST; the earlier order summed the [R, BC] 
 
 Shapes: any G from 1 to 64, Dk up to 256, any T, TQ < TK with q_start (int or [B]), l/d and l'/d any
 positive integers with l - d <= l'. Tested: float32 under TRITON_INTERPRET=1 (Triton 3.9) and
-bfloat16 on an NVIDIA H200 and an NVIDIA H100 (Triton 3.6) up to T = 16k. Known limits: forward
-only; near-ties as above; a NaN score (from NaN inputs) is ranked above every finite one instead of
-raising.
+bfloat16 on an NVIDIA H200 and an NVIDIA H100 (Triton 3.6) up to T = 16k; key splits on the H100
+(decode over a 16k cache, G 4 and 16). Known limits: forward only; near-ties as above; a NaN score
+(from NaN inputs) is ranked above every finite one instead of raising.
 """
 
 from __future__ import annotations
