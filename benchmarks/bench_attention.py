@@ -225,13 +225,8 @@ def tune(rows, errors, T, knobs=()):
     import kernels.selected as kslc
 
     def data(name):
-        HQ, H, dk, dv = SHAPES[name]
-        tc = (T - 32) // 16 + 1
-        x = {"q": (1, T, HQ, dk), "k": (1, T, H, dk), "v": (1, T, H, dv), "kc": (1, tc, H, dk), "vc": (1, tc, H, dv)}
-        x = {key: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for key, shape in x.items()}
-        x["pos0"] = query_starts(None, 1, 0, x["q"].device)
-        x["scale"] = dk**-0.5
-        return x
+        keys = ("cfg", "q", "k", "v", "kc", "vc", "gates", "pos0", "scale")
+        return dict(zip(keys, _layer_inputs(name, T), strict=True))
 
     def cmp(x):
         return interval_attention(x["q"], x["kc"], x["vc"], x["pos0"], mode=MODE_CMP, scale=x["scale"],
@@ -273,7 +268,6 @@ def tune(rows, errors, T, knobs=()):
     narrow = [("paper128", shapes["paper128"]), ("small", shapes["small"])]
     for _, x in narrow:
         x["o_cmp"], x["lse"] = cmp(x)
-        x["gates"] = torch.rand(*x["q"].shape[:3], 3, device="cuda", dtype=torch.bfloat16)
     short_launches = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)]
     chosen["win-narrow"] = sweep(
         "win-narrow", narrow, short_launches, set_launch(MODE_WIN, "narrow"),
@@ -312,12 +306,9 @@ def tune(rows, errors, T, knobs=()):
     chosen["slc-group-wide"] = sweep("slc-group-wide", [("paper192", x)],
                                      [(64, 4, 2), (32, 4, 3), (32, 4, 2), (64, 8, 2)],
                                      lambda c: kslc.GROUP_LAUNCH.__setitem__("wide", c), group_path)
-    cfg = {name: NSAConfig(n_head=SHAPES[name][0], n_kv_head=SHAPES[name][1], head_dim=SHAPES[name][2],
-                           v_head_dim=SHAPES[name][3], **GEOMETRY) for name in ("paper128", "small")}
     chosen["nsa-forced-dense"] = sweep(
         "nsa-forced-dense", narrow, [True, False], lambda f: setattr(knsa, "FORCED_DENSE", f),
-        lambda x: kernels.nsa_attention(x["q"], x["k"], x["v"], x["kc"], x["vc"], x["gates"],
-                                        config=cfg["paper128" if x["q"].shape[2] == 64 else "small"]))
+        lambda x: kernels.nsa_attention(x["q"], x["k"], x["v"], x["kc"], x["vc"], x["gates"], config=x["cfg"]))
     x = shapes["small"]
     x["idx"] = select(x)
     chosen["slc-block-launch"] = sweep(
