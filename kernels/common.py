@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # log2(e): the kernels use exp2, so scores are pre-multiplied by scale * LOG2E.
 LOG2E = 1.4426950408889634
@@ -106,3 +107,16 @@ def key_splits(programs: int, tiles: int, device: torch.device, splits: int | No
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = triton.cdiv(2 * sms, programs)
     return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_KEY_SPLITS))
+
+
+def tile_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_dk: int, block_dv: int):
+    """Tensor descriptors (TMA on Hopper) of [BLOCK_N, D] key tiles of k and v [B, TK, H, D], or None where
+    the tiles cannot go through them: a head dim other than its tile's, or a stride or base address that
+    is not 16-byte aligned. Rows past TK read as zeros."""
+    if k.shape[3] != block_dk or v.shape[3] != block_dv:
+        return None
+    for x in (k, v):
+        size = x.element_size()
+        if x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
+            return None
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, 1, x.shape[3]]) for x in (k, v))

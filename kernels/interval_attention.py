@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, key_splits, last_dim_contiguous, pow2
+from .common import LOG2E, dot_precision, key_splits, last_dim_contiguous, pow2, tile_descriptors
 
 MODE_CMP = 0
 MODE_WIN = 1
@@ -59,17 +59,23 @@ def _row_interval(pos, TK, MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRI
 @triton.jit
 def _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
           BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-          BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, FORCED_A: tl.constexpr = 0):
+          BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, FORCED_A: tl.constexpr = 0,
+          k_desc=None, v_desc=None, b=0, h=0, TMA: tl.constexpr = False):
     """One online-softmax step over keys [start, start + BLOCK_N). MASKED = False: every row sees every key.
 
-    A row sees key n iff lo <= n < hi, or (FORCED_A > 0) n < min(FORCED_A, hi)."""
+    A row sees key n iff lo <= n < hi, or (FORCED_A > 0) n < min(FORCED_A, hi). TMA: the K and V tiles
+    come through tensor descriptors over [B, TK, H, D] (zero past TK); keys in [k_hi, TK) are then real
+    values, which the visibility mask gives p = 0."""
     n = start + tl.arange(0, BLOCK_N)  # [N]
     n64 = n.to(tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     k_ptrs = k_base + n64[None, :] * skt + dk[:, None]
     v_ptrs = v_base + n64[:, None] * svt + dv[None, :]
-    if MASKED:
+    if TMA:
+        kt = tl.reshape(k_desc.load([b, start, h, 0]), [BLOCK_N, BLOCK_DK]).T
+        vt = tl.reshape(v_desc.load([b, start, h, 0]), [BLOCK_N, BLOCK_DV])
+    elif MASKED:
         n_ok = n < k_hi
         kt = tl.load(k_ptrs, mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)
         vt = tl.load(v_ptrs, mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
@@ -98,7 +104,7 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale
 
 @triton.jit(do_not_specialize=["TQ", "TK", "WINDOW"])
 def _interval_attn_fwd_kernel(
-    Q, K, V, O, LSE, POS0, GATES, O_CMP, O_SLC, O_WIN,
+    Q, K, V, KD, VD, O, LSE, POS0, GATES, O_CMP, O_SLC, O_WIN,
     scale_log2, TQ, TK, H, WINDOW,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -106,7 +112,7 @@ def _interval_attn_fwd_kernel(
     MODE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     WRITE_LSE: tl.constexpr, FUSE_GATE: tl.constexpr, STORE_WIN: tl.constexpr, PREC: tl.constexpr,
     SPLIT: tl.constexpr, SLC_BLOCK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    KEY_SPLITS: tl.constexpr,
+    KEY_SPLITS: tl.constexpr, TMA: tl.constexpr,
 ):
     BT: tl.constexpr = BLOCK_R // G  # queries per program
     # Compressed rows see more keys the later they are: the longest tiles go first.
@@ -169,27 +175,27 @@ def _interval_attn_fwd_kernel(
             head_lo, head_hi, tail_lo = k_lo, body_lo, body_hi
         for start in range(head_lo, head_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, 0, KD, VD, b, h, TMA)
         for start in range(body_lo, body_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False, PREC)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False, PREC, 0, KD, VD, b, h, TMA)
         for start in range(tail_lo, s_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, 0, KD, VD, b, h, TMA)
     elif MODE == 2:
         # Forced blocks: the initial ones [0, INIT * l'), then the local ones; every tile is visited once.
         FORCED_A: tl.constexpr = INIT * SLC_BLOCK
         init_hi = tl.minimum(tl.cdiv(FORCED_A, BLOCK_N) * BLOCK_N, k_lo)
         for start in range(0, init_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A, KD, VD, b, h, TMA)
         for start in range(k_lo, k_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, FORCED_A, KD, VD, b, h, TMA)
     else:
         for start in range(s_lo, s_hi, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale_log2,
-                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC)
+                                  BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, PREC, 0, KD, VD, b, h, TMA)
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # [R, BDV]; empty rows stay exactly 0
@@ -269,6 +275,9 @@ def _combine_splits_kernel(O_PART, LSE_PART, O, LSE, ROWS, DV: tl.constexpr, BLO
 
 # Split each row tile's key loop into masked edges and an unmasked body (False: every tile masked).
 SPLIT_MASK = True
+# Load the K and V tiles through tensor descriptors (TMA on Hopper) where the layout allows it.
+TMA_LOADS = True
+
 
 
 def _launch_config(mode: int, G: int, dk: int, dv: int, on_gpu: bool) -> tuple[int, int, int, int]:
@@ -317,9 +326,10 @@ def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1,
     else:
         out, out_lse = o, lse
     if B * TQ and HQ:
+        descriptors = tile_descriptors(k, v, block_n, pow2(DK, 16), pow2(DV, 16)) if TMA_LOADS else None
         grid = (triton.cdiv(TQ, bt), B * H, splits)
         _interval_attn_fwd_kernel[grid](
-            q, k, v, out, out_lse, pos0, gates, o_cmp, o_slc, o_win,
+            q, k, v, *(descriptors or (k, v)), out, out_lse, pos0, gates, o_cmp, o_slc, o_win,
             scale * LOG2E, TQ, TK, H, window,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -327,7 +337,7 @@ def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1,
             MODE=mode, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
             WRITE_LSE=want_lse, FUSE_GATE=fuse, STORE_WIN=fuse and store_win, PREC=dot_precision(q.dtype),
             SPLIT=SPLIT_MASK and mode != MODE_FORCED, SLC_BLOCK=slc_block, INIT=init_blocks, LOCAL=local_blocks,
-            KEY_SPLITS=splits, num_warps=warps, num_stages=stages,
+            KEY_SPLITS=splits, TMA=descriptors is not None, num_warps=warps, num_stages=stages,
         )
     if splits > 1:
         rows = B * TQ * HQ

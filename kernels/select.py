@@ -75,7 +75,7 @@ FILL_FIRST = True
 # Query rows per program of the key-split merge. At B * H = 32 rows (a decode step) that is two programs,
 # which took 46 us at 64k on an H100 (9 splits, 48 serial reductions each): fewer rows per program would
 # spread them over the SMs, but that setting has not run on a GPU yet.
-MERGE_ROWS = 16
+MERGE_ROWS = 1
 
 
 @triton.jit(do_not_specialize=["TQ", "TC"])

@@ -42,18 +42,19 @@ from .common import (
     pow2,
     query_starts,
     resolve_scale,
+    tile_descriptors,
 )
 
 
 @triton.jit(do_not_specialize=["TQ", "TK"])
 def _selected_group_kernel(
-    Q, K, V, IDX, O, POS0, O_F, LSE_F,
+    Q, K, V, KD, VD, IDX, O, POS0, O_F, LSE_F,
     scale_log2, TQ, TK, H,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sib, sit, sih,
     G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     TOP_N: tl.constexpr, PREC: tl.constexpr, FORCED: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    NP: tl.constexpr,
+    NP: tl.constexpr, TMA: tl.constexpr,
 ):
     t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -103,8 +104,11 @@ def _selected_group_kernel(
         n = blk.to(tl.int64) * SLC_BLOCK + off + offs  # [N] key positions
         # blk = -1 gives n in [-l', 0): the n >= 0 test masks empty slots.
         n_ok = (n >= 0) & (off + offs < SLC_BLOCK) & (n <= pos) & (n < TK)
-        kt = tl.load(k_base + n[None, :] * skt + dk[:, None], mask=n_ok[None, :] & (dk[:, None] < DK),
-                     other=0.0)  # [BDK, N]
+        if TMA:  # an empty slot's negative start and keys past TK read as zeros; n_ok masks the scores
+            kt = tl.reshape(KD.load([b, (blk * SLC_BLOCK + off).to(tl.int32), h, 0]), [BLOCK_N, BLOCK_DK]).T
+        else:
+            kt = tl.load(k_base + n[None, :] * skt + dk[:, None], mask=n_ok[None, :] & (dk[:, None] < DK),
+                         other=0.0)  # [BDK, N]
         s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [GP, N]
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -112,8 +116,11 @@ def _selected_group_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + n[:, None] * svt + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV),
-                     other=0.0)  # [N, BDV]
+        if TMA:
+            vt = tl.reshape(VD.load([b, (blk * SLC_BLOCK + off).to(tl.int32), h, 0]), [BLOCK_N, BLOCK_DV])
+        else:
+            vt = tl.load(v_base + n[:, None] * svt + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV),
+                         other=0.0)  # [N, BDV]
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
 
@@ -178,13 +185,15 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
     flags = {"FORCED": forced is not None, "INIT": init, "LOCAL": local}
     if path == "group":
         block_n, warps, stages = GROUP_LAUNCH["wide" if wide else "narrow"]
+        block_n = min(pow2(slc_block, 16), block_n)
+        descriptors = tile_descriptors(k, v, block_n, pow2(DK, 16), pow2(DV, 16)) if GROUP_TMA else None
         _selected_group_kernel[(TQ, B * H)](
-            q, k, v, block_idx, o, pos0, o_f, lse_f, scale * LOG2E, TQ, TK, H,
+            q, k, v, *(descriptors or (k, v)), block_idx, o, pos0, o_f, lse_f, scale * LOG2E, TQ, TK, H,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
             GP=pow2(G, 16), TOP_N=block_idx.shape[-1], NP=pow2(block_idx.shape[-1]), num_warps=warps,
             num_stages=stages,
-            **{**common, "BLOCK_N": min(pow2(slc_block, 16), block_n)}, **flags,
+            TMA=descriptors is not None, **{**common, "BLOCK_N": block_n}, **flags,
         )
         return o
     return _run_block_centric(q, k, v, block_idx.contiguous(), pos0, o, scale, common, o_f, lse_f, flags)
@@ -194,6 +203,8 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
 # fastest of benchmarks/bench_attention.py --tune's candidates, narrow at paper128 (H200), wide at
 # paper192 (H100: (64, 4, 2) 23.8 ms against 27.9 for (32, 4, 3) over the slots that are not forced).
 GROUP_LAUNCH = {"narrow": (64, 4, 3), "wide": (64, 4, 2)}
+# The group path's K and V tiles through tensor descriptors (TMA on Hopper) where the layout allows it.
+GROUP_TMA = True
 # Groups up to this size take the block-centric path by default, when the queries' slots per key block
 # (TQ * n / blocks, how many pairs could share one load) reach BLOCK_PATH_MIN_SHARE and there are at
 # least BLOCK_PATH_MIN_SLOTS slots in all: a decode step or a short chunk over a long cache shares too

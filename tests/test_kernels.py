@@ -301,6 +301,40 @@ def test_selected_attention_with_forced_blocks_precomputed(G, path, forced):
     _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC, q_start=starts))
 
 
+@pytest.mark.parametrize("G", [1, 4])
+def test_tensor_descriptor_loads_give_the_pointer_loads_bits(G, monkeypatch):
+    """K/V tiles through tensor descriptors read zeros past TK and real keys past a row's interval (which
+    the mask gives p = 0): every interval-kernel mode and the group path (empty slots, a ragged last
+    block) give the same bits as masked pointer loads."""
+    from kernels import interval_attention as ia
+    from kernels.common import tile_descriptors
+
+    q, k, v = _qkv(2, 9, 90, 2, G, dk=16, dv=16)
+    k_cmp, v_cmp = _cmp_kv(2, 90, 2, dk=16, dv=16)
+    assert tile_descriptors(k, v, 32, 16, 16) is not None and tile_descriptors(k_cmp, v_cmp, 32, 16, 16) is not None
+    starts = torch.tensor([81, 30])
+    idx = _random_block_idx(2, 9, 2, TOP_N, starts[:, None] + torch.arange(9))
+    scale = 16 ** -0.5
+
+    def run():
+        cmp = ia.interval_attention(q, k_cmp, v_cmp, starts, mode=ia.MODE_CMP, scale=scale, cmp_block=L,
+                                    cmp_stride=D_STRIDE, want_lse=True)
+        forced = ia.interval_attention(q, k, v, starts, mode=ia.MODE_FORCED, scale=scale, slc_block=L_SLC,
+                                       init_blocks=1, local_blocks=2, want_lse=True)
+        win = ia.interval_attention(q, k, v, starts, mode=ia.MODE_WIN, scale=scale, window=WINDOW)
+        slc = selected_mod.run_selected(q, k, v, idx, starts, slc_block=L_SLC, scale=scale, path="group")
+        slc_forced = selected_mod.run_selected(q, k, v, idx, starts, slc_block=L_SLC, scale=scale, path="group",
+                                               forced=(*forced, 1, 2))
+        return (*cmp, *forced, win, slc, slc_forced)
+
+    through_descriptors = run()
+    monkeypatch.setattr(ia, "TMA_LOADS", False)
+    monkeypatch.setattr(selected_mod, "GROUP_TMA", False)
+    for got, want in zip(through_descriptors, run(), strict=True):
+        assert not torch.isnan(got).any()
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("G", [1, 3, 4, 16])
 def test_window_attention_matches_reference(G):
     q, k, v = _qkv(1, 45, 45, 2, G)
