@@ -109,14 +109,12 @@ def key_splits(programs: int, tiles: int, device: torch.device, splits: int | No
     return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_KEY_SPLITS))
 
 
-def tile_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_dk: int, block_dv: int):
-    """Tensor descriptors (TMA on Hopper) of [BLOCK_N, D] key tiles of k and v [B, TK, H, D], or None where
-    the tiles cannot go through them: a head dim other than its tile's, or a stride or base address that
-    is not 16-byte aligned. Rows past TK read as zeros."""
-    if k.shape[3] != block_dk or v.shape[3] != block_dv:
-        return None
-    for x in (k, v):
+def tile_descriptors(block_n: int, *tensors: torch.Tensor):
+    """Tensor descriptors (TMA on Hopper) of [block_n, D] key tiles of each [B, T, H, D] tensor, or None where
+    a tile cannot go through one: a head dim that is not a power of two from 16 (its tile would be padded),
+    or a stride or base address that is not 16-byte aligned. Rows past T read as zeros."""
+    for x in tensors:
         size = x.element_size()
-        if x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
+        if x.shape[3] != pow2(x.shape[3], 16) or x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
             return None
-    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, 1, x.shape[3]]) for x in (k, v))
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, 1, x.shape[3]]) for x in tensors)

@@ -326,7 +326,7 @@ def interval_attention(q, k, v, pos0, *, mode, scale, cmp_block=1, cmp_stride=1,
     else:
         out, out_lse = o, lse
     if B * TQ and HQ:
-        descriptors = tile_descriptors(k, v, block_n, pow2(DK, 16), pow2(DV, 16)) if TMA_LOADS else None
+        descriptors = tile_descriptors(block_n, k, v) if TMA_LOADS else None
         grid = (triton.cdiv(TQ, bt), B * H, splits)
         _interval_attn_fwd_kernel[grid](
             q, k, v, *(descriptors or (k, v)), out, out_lse, pos0, gates, o_cmp, o_slc, o_win,

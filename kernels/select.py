@@ -59,6 +59,7 @@ from .common import (
     pow2,
     query_starts,
     resolve_scale,
+    tile_descriptors,
 )
 
 # Eq. 9 remap before the group sum, as one tensor-core product per (query, head) row (True), or the
@@ -76,11 +77,13 @@ FILL_FIRST = True
 # which took 46 us at 64k on an H100 (9 splits, 48 serial reductions each): fewer rows per program would
 # spread them over the SMs, but that setting has not run on a GPU yet.
 MERGE_ROWS = 1
+# The compressed keys' chunks through a tensor descriptor (TMA on Hopper) where the layout allows it.
+SELECT_TMA = True
 
 
 @triton.jit(do_not_specialize=["TQ", "TC"])
 def _select_blocks_kernel(
-    Q, KC, LSE, POS0, IDX, KEYS_PART,
+    Q, KC, KCD, LSE, POS0, IDX, KEYS_PART,
     scale_log2, TQ, TC, H,
     sqb, sqt, sqh, skb, skt, skh, slb, slt, slh,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
@@ -88,6 +91,7 @@ def _select_blocks_kernel(
     TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, BC: tl.constexpr,
     INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, REMAP_FIRST: tl.constexpr,
     SPLIT: tl.constexpr, FILL: tl.constexpr, KEY_BITS: tl.constexpr, KEY_SPLITS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     R: tl.constexpr = BT * GP
     PER_BLOCK: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
@@ -168,8 +172,13 @@ def _select_blocks_kernel(
     for j0 in range(j_start, j_end, NB):
         i = j0 * PER_BLOCK + i_loc  # [BC] compressed token ids
         i_ok = (i_loc < CHUNK) & (i < TC)
-        kt = tl.load(kc_base + i.to(tl.int64)[None, :] * skt + dk[:, None],
-                     mask=i_ok[None, :] & (dk[:, None] < DK), other=0.0)  # [BDK, BC]
+        if TMA:
+            # Tokens past TC read as zeros; those past the chunk (BC > CHUNK) are real keys that the zero
+            # rows of w drop, and that p never overflows on: they lie inside the unmasked range or are masked.
+            kt = tl.reshape(KCD.load([b, j0 * PER_BLOCK, h, 0]), [BC, BLOCK_DK]).T
+        else:
+            kt = tl.load(kc_base + i.to(tl.int64)[None, :] * skt + dk[:, None],
+                         mask=i_ok[None, :] & (dk[:, None] < DK), other=0.0)  # [BDK, BC]
         s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, BC]
         if j0 * PER_BLOCK + BC <= seen_all_or_0:
             p = tl.exp2(s - lse_dead_inf[:, None])
@@ -351,16 +360,17 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
         ids_part = torch.empty_like(keys_part)
     else:
         keys_part = ids_part = idx  # the kernel writes the ascending ids to idx and no keys
+    descriptors = tile_descriptors(bc, k_cmp) if SELECT_TMA else None
     grid = (triton.cdiv(TQ, bt), B * H, splits)
     _select_blocks_kernel[grid](
-        q, k_cmp, lse, pos0, ids_part, keys_part, scale * LOG2E, TQ, TC, H,
+        q, k_cmp, *(descriptors or (k_cmp,)), lse, pos0, ids_part, keys_part, scale * LOG2E, TQ, TC, H,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         G=G, GP=gp, BT=bt, DK=DK, BLOCK_DK=pow2(DK, 16), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SLC_BLOCK=slc_block, TOP_N=top_n, NP=np_, NB=nb, BC=bc, INIT=init_blocks,
         LOCAL=local_blocks, PREC=dot_precision(q.dtype), REMAP_FIRST=REMAP_FIRST,
         SPLIT=SPLIT_MASK, FILL=FILL_FIRST and nb == top_n, KEY_BITS=key_bits(nb, top_n),
-        KEY_SPLITS=splits, num_warps=warps, num_stages=stages,
+        KEY_SPLITS=splits, TMA=descriptors is not None, num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         rows = B * TQ * H

@@ -186,7 +186,7 @@ def run_selected(q, k, v, block_idx, pos0, *, slc_block, scale, path=None, force
     if path == "group":
         block_n, warps, stages = GROUP_LAUNCH["wide" if wide else "narrow"]
         block_n = min(pow2(slc_block, 16), block_n)
-        descriptors = tile_descriptors(k, v, block_n, pow2(DK, 16), pow2(DV, 16)) if GROUP_TMA else None
+        descriptors = tile_descriptors(block_n, k, v) if GROUP_TMA else None
         _selected_group_kernel[(TQ, B * H)](
             q, k, v, *(descriptors or (k, v)), block_idx, o, pos0, o_f, lse_f, scale * LOG2E, TQ, TK, H,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

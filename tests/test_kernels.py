@@ -304,14 +304,16 @@ def test_selected_attention_with_forced_blocks_precomputed(G, path, forced):
 @pytest.mark.parametrize("G", [1, 4])
 def test_tensor_descriptor_loads_give_the_pointer_loads_bits(G, monkeypatch):
     """K/V tiles through tensor descriptors read zeros past TK and real keys past a row's interval (which
-    the mask gives p = 0): every interval-kernel mode and the group path (empty slots, a ragged last
-    block) give the same bits as masked pointer loads."""
+    the mask gives p = 0): every interval-kernel mode, the group path (empty slots, a ragged last block)
+    and select (score chunks that fill their key tiles, and chunks that do not) give the same bits as
+    masked pointer loads."""
     from kernels import interval_attention as ia
+    from kernels import select as select_mod
     from kernels.common import tile_descriptors
 
     q, k, v = _qkv(2, 9, 90, 2, G, dk=16, dv=16)
     k_cmp, v_cmp = _cmp_kv(2, 90, 2, dk=16, dv=16)
-    assert tile_descriptors(k, v, 32, 16, 16) is not None and tile_descriptors(k_cmp, v_cmp, 32, 16, 16) is not None
+    assert tile_descriptors(32, k, v, k_cmp, v_cmp) is not None
     starts = torch.tensor([81, 30])
     idx = _random_block_idx(2, 9, 2, TOP_N, starts[:, None] + torch.arange(9))
     scale = 16 ** -0.5
@@ -325,11 +327,20 @@ def test_tensor_descriptor_loads_give_the_pointer_loads_bits(G, monkeypatch):
         slc = selected_mod.run_selected(q, k, v, idx, starts, slc_block=L_SLC, scale=scale, path="group")
         slc_forced = selected_mod.run_selected(q, k, v, idx, starts, slc_block=L_SLC, scale=scale, path="group",
                                                forced=(*forced, 1, 2))
-        return (*cmp, *forced, win, slc, slc_forced)
+        chosen = []
+        for l_cmp, l_slc in ((L, L_SLC), (12, 12)):  # chunks of 64 keys; of 48 keys in 64-key tiles
+            k_c, v_c = k_cmp[:, : (90 - l_cmp) // D_STRIDE + 1], v_cmp[:, : (90 - l_cmp) // D_STRIDE + 1]
+            _, lse = ia.interval_attention(q, k_c, v_c, starts, mode=ia.MODE_CMP, scale=scale, cmp_block=l_cmp,
+                                           cmp_stride=D_STRIDE, want_lse=True)
+            chosen.append(select_mod._select(q, k_c, lse, starts, cmp_block=l_cmp, cmp_stride=D_STRIDE,
+                                             slc_block=l_slc, top_n=TOP_N, scale=scale, init_blocks=1,
+                                             local_blocks=2))
+        return (*cmp, *forced, win, slc, slc_forced, *chosen)
 
     through_descriptors = run()
     monkeypatch.setattr(ia, "TMA_LOADS", False)
     monkeypatch.setattr(selected_mod, "GROUP_TMA", False)
+    monkeypatch.setattr(select_mod, "SELECT_TMA", False)
     for got, want in zip(through_descriptors, run(), strict=True):
         assert not torch.isnan(got).any()
         assert torch.equal(got, want)
