@@ -73,8 +73,8 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale
     k_ptrs = k_base + n64[None, :] * skt + dk[:, None]
     v_ptrs = v_base + n64[:, None] * svt + dv[None, :]
     if TMA:
-        kt = tl.reshape(k_desc.load([b, start, h, 0]), [BLOCK_N, BLOCK_DK]).T
-        vt = tl.reshape(v_desc.load([b, start, h, 0]), [BLOCK_N, BLOCK_DV])
+        kt = tl.reshape(k_desc.load([b, tl.cast(start, tl.int32), h, 0]), [BLOCK_N, BLOCK_DK]).T
+        vt = tl.reshape(v_desc.load([b, tl.cast(start, tl.int32), h, 0]), [BLOCK_N, BLOCK_DV])
     elif MASKED:
         n_ok = n < k_hi
         kt = tl.load(k_ptrs, mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)

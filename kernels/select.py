@@ -175,7 +175,7 @@ def _select_blocks_kernel(
         if TMA:
             # Tokens past TC read as zeros; those past the chunk (BC > CHUNK) are real keys that the zero
             # rows of w drop, and that p never overflows on: they lie inside the unmasked range or are masked.
-            kt = tl.reshape(KCD.load([b, j0 * PER_BLOCK, h, 0]), [BC, BLOCK_DK]).T
+            kt = tl.reshape(KCD.load([b, tl.cast(j0 * PER_BLOCK, tl.int32), h, 0]), [BC, BLOCK_DK]).T
         else:
             kt = tl.load(kc_base + i.to(tl.int64)[None, :] * skt + dk[:, None],
                          mask=i_ok[None, :] & (dk[:, None] < DK), other=0.0)  # [BDK, BC]
