@@ -18,12 +18,17 @@ sees whole run without the visibility mask (SPLIT_MASK: masked head, unmasked bo
 compressed-branch programs run longest first. When a compressed-branch launch has too few row tiles to
 fill the GPU (decode: B * H programs), each tile's keys are shared out among KEY_SPLITS programs
 (flash-decoding) whose partial (o, lse) a second kernel merges (common.key_splits picks the count).
+Where the head dims are powers of two and the strides 16-byte aligned, the K and V tiles come through
+tensor descriptors over [B, TK, H, D] (TMA on Hopper; common.tile_descriptors): rows past TK read as
+zeros, and the keys of a tile that a row does not see are real values its mask gives p = 0, so the
+output is the same as with masked pointer loads, bit for bit.
 
 Shapes: q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], Dk and Dv up to 256 and independent
 (192 is padded to a 256 tile with masked loads); any TQ <= TK, per-batch query offsets (q_start).
 Tested: float32 under TRITON_INTERPRET=1 (Triton 3.9, small shapes, G in 1, 3, 4, 16) and bfloat16
 on an NVIDIA H100 and an NVIDIA H200 (Triton 3.6) up to T = 16k, Dk 128 and 192; key splits on the
-H100 (decode over a 16k cache, G 4 and 16). Known limits: forward only; MODE_FORCED masks every tile.
+H100 (decode over a 16k cache, G 4 and 16); the tensor-descriptor loads under the interpreter (bit-identical
+to pointer loads) and in the H100's GPU tests. Known limits: forward only; MODE_FORCED masks every tile.
 """
 
 from __future__ import annotations
@@ -275,7 +280,10 @@ def _combine_splits_kernel(O_PART, LSE_PART, O, LSE, ROWS, DV: tl.constexpr, BLO
 
 # Split each row tile's key loop into masked edges and an unmasked body (False: every tile masked).
 SPLIT_MASK = True
-# Load the K and V tiles through tensor descriptors (TMA on Hopper) where the layout allows it.
+# Load the K and V tiles through tensor descriptors (TMA on Hopper) where the layout allows it, instead of
+# pointer loads: the same bits, and at 64k on an H100 the compressed branch 9.17 against 10.03 ms, the window
+# with the gate 3.88 against 4.08 and the forced blocks 1.50 against 1.62 (paper128); 2.42 / 1.02 / 0.39
+# against 2.55 / 1.09 / 0.54 at the small shape.
 TMA_LOADS = True
 
 
