@@ -111,10 +111,13 @@ def key_splits(programs: int, tiles: int, device: torch.device, splits: int | No
 
 def tile_descriptors(block_n: int, *tensors: torch.Tensor):
     """Tensor descriptors (TMA on Hopper) of [block_n, D] key tiles of each [B, T, H, D] tensor, or None where
-    a tile cannot go through one: a head dim that is not a power of two from 16 (its tile would be padded),
-    or a stride or base address that is not 16-byte aligned. Rows past T read as zeros."""
+    a tile cannot go through one: an empty tensor (a descriptor's sizes must be non-zero: a prompt shorter
+    than one compressed block has no compressed tokens), a head dim that is not a power of two from 16 (its
+    tile would be padded), or a stride or base address that is not 16-byte aligned. Rows past T read as zeros."""
     for x in tensors:
         size = x.element_size()
-        if x.shape[3] != pow2(x.shape[3], 16) or x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
+        if x.numel() == 0 or x.shape[3] != pow2(x.shape[3], 16):
+            return None
+        if x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
             return None
     return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, 1, x.shape[3]]) for x in tensors)

@@ -72,21 +72,22 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, start, lo, hi, k_hi, skt, svt, scale
     come through tensor descriptors over [B, TK, H, D] (zero past TK); keys in [k_hi, TK) are then real
     values, which the visibility mask gives p = 0."""
     n = start + tl.arange(0, BLOCK_N)  # [N]
-    n64 = n.to(tl.int64)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    k_ptrs = k_base + n64[None, :] * skt + dk[:, None]
-    v_ptrs = v_base + n64[:, None] * svt + dv[None, :]
     if TMA:
         kt = tl.reshape(k_desc.load([b, tl.cast(start, tl.int32), h, 0]), [BLOCK_N, BLOCK_DK]).T
         vt = tl.reshape(v_desc.load([b, tl.cast(start, tl.int32), h, 0]), [BLOCK_N, BLOCK_DV])
-    elif MASKED:
-        n_ok = n < k_hi
-        kt = tl.load(k_ptrs, mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)
-        vt = tl.load(v_ptrs, mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
     else:
-        kt = tl.load(k_ptrs, mask=dk[:, None] < DK, other=0.0) if BLOCK_DK > DK else tl.load(k_ptrs)
-        vt = tl.load(v_ptrs, mask=dv[None, :] < DV, other=0.0) if BLOCK_DV > DV else tl.load(v_ptrs)
+        n64 = n.to(tl.int64)
+        dk = tl.arange(0, BLOCK_DK)
+        dv = tl.arange(0, BLOCK_DV)
+        k_ptrs = k_base + n64[None, :] * skt + dk[:, None]
+        v_ptrs = v_base + n64[:, None] * svt + dv[None, :]
+        if MASKED:
+            n_ok = n < k_hi
+            kt = tl.load(k_ptrs, mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)
+            vt = tl.load(v_ptrs, mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        else:
+            kt = tl.load(k_ptrs, mask=dk[:, None] < DK, other=0.0) if BLOCK_DK > DK else tl.load(k_ptrs)
+            vt = tl.load(v_ptrs, mask=dv[None, :] < DV, other=0.0) if BLOCK_DV > DV else tl.load(v_ptrs)
     s = tl.dot(q, kt, input_precision=PREC) * scale_log2  # [R, N]
     if MASKED:
         if FORCED_A > 0:
@@ -285,7 +286,6 @@ SPLIT_MASK = True
 # with the gate 3.88 against 4.08 and the forced blocks 1.50 against 1.62 (paper128); 2.42 / 1.02 / 0.39
 # against 2.55 / 1.09 / 0.54 at the small shape.
 TMA_LOADS = True
-
 
 
 def _launch_config(mode: int, G: int, dk: int, dv: int, on_gpu: bool) -> tuple[int, int, int, int]:

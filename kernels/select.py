@@ -41,8 +41,7 @@ positive integers with l - d <= l'. Tested: float32 under TRITON_INTERPRET=1 (Tr
 bfloat16 on an NVIDIA H200 and an NVIDIA H100 (Triton 3.6) up to T = 16k; key splits on the H100
 (decode over a 16k cache, G 4 and 16); the compressed keys through a tensor descriptor (SELECT_TMA) under
 the interpreter (the same ids as pointer loads) and in the H100's GPU tests. Known limits: forward only;
-near-ties as above; a NaN score
-(from NaN inputs) is ranked above every finite one instead of raising.
+near-ties as above; a NaN score (from NaN inputs) is ranked above every finite one instead of raising.
 """
 
 from __future__ import annotations

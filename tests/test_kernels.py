@@ -314,6 +314,7 @@ def test_tensor_descriptor_loads_give_the_pointer_loads_bits(G, monkeypatch):
     q, k, v = _qkv(2, 9, 90, 2, G, dk=16, dv=16)
     k_cmp, v_cmp = _cmp_kv(2, 90, 2, dk=16, dv=16)
     assert tile_descriptors(32, k, v, k_cmp, v_cmp) is not None
+    assert tile_descriptors(32, k, k_cmp[:, :0]) is None  # no compressed token yet: pointer loads
     starts = torch.tensor([81, 30])
     idx = _random_block_idx(2, 9, 2, TOP_N, starts[:, None] + torch.arange(9))
     scale = 16 ** -0.5
