@@ -10,7 +10,8 @@ leaves the loads and the QK product. The copies choose wrong blocks; only their 
 Selected: the group and block paths over all 16 slots, and a kernel that only gathers the K and V
 tiles the group path reads (one program per query and KV head, the same block ids, no arithmetic but
 an elementwise max), once with the real ids and once with every id below 64 (4k keys, which stay in
-L2): the rate at which one query's blocks can be fetched at all, the floor of a group-centric kernel.
+L2), each through pointer loads and through tensor descriptors: the rate at which one query's blocks
+can be fetched at all, the floor of a group-centric kernel.
 
 Random bfloat16 inputs as in bench_attention.py; medians of triton.testing.do_bench. Prints a table
 and writes benchmarks/results/<card>-<date>-probe.json, one record per timing with stage "probe:select",
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_attention import GEOMETRY, SHAPES, bench, card_slug  # noqa: E402
 
-from kernels.common import query_starts  # noqa: E402
+from kernels.common import query_starts, tile_descriptors  # noqa: E402
 from kernels.interval_attention import MODE_CMP, interval_attention  # noqa: E402
 from kernels.selected import run_selected  # noqa: E402
 
@@ -81,9 +82,12 @@ def load_module(source: str, name: str, folder: Path):
 
 
 @triton.jit
-def _gather_kernel(IDX, K, V, OUT, skt, svt, sit, H, SLC_BLOCK: tl.constexpr, TOP_N: tl.constexpr,
-                   D: tl.constexpr):
-    """For query t and KV head h, load the K and V tiles of its TOP_N blocks; keep only an elementwise max."""
+def _gather_kernel(IDX, K, V, KD, VD, OUT, skt, svt, sit, H, SLC_BLOCK: tl.constexpr, TOP_N: tl.constexpr,
+                   D: tl.constexpr, TMA: tl.constexpr):
+    """For query t and KV head h, load the K and V tiles of its TOP_N blocks; keep only an elementwise max.
+
+    TMA: the tiles come through the tensor descriptors KD and VD (as the group path loads them) instead of
+    pointer loads; an empty slot's negative start reads zeros either way."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, D)
@@ -91,10 +95,14 @@ def _gather_kernel(IDX, K, V, OUT, skt, svt, sit, H, SLC_BLOCK: tl.constexpr, TO
     acc = tl.zeros([D, SLC_BLOCK], tl.float32)
     for slot in range(0, TOP_N):
         blk = tl.load(IDX + t.to(tl.int64) * sit + h * TOP_N + slot)
-        n = blk.to(tl.int64) * SLC_BLOCK + offs
-        ok = n >= 0
-        kt = tl.load(K + h * D + n[None, :] * skt + d[:, None], mask=ok[None, :], other=0.0)
-        vt = tl.load(V + h * D + n[None, :] * svt + d[:, None], mask=ok[None, :], other=0.0)
+        if TMA:
+            kt = tl.reshape(KD.load([0, blk * SLC_BLOCK, h, 0]), [SLC_BLOCK, D]).T
+            vt = tl.reshape(VD.load([0, blk * SLC_BLOCK, h, 0]), [SLC_BLOCK, D]).T
+        else:
+            n = blk.to(tl.int64) * SLC_BLOCK + offs
+            ok = n >= 0
+            kt = tl.load(K + h * D + n[None, :] * skt + d[:, None], mask=ok[None, :], other=0.0)
+            vt = tl.load(V + h * D + n[None, :] * svt + d[:, None], mask=ok[None, :], other=0.0)
         acc = tl.maximum(acc, tl.maximum(kt, vt).to(tl.float32))
     tl.store(OUT + (t * H + h) * D + d, tl.max(acc, 1))
 
@@ -137,12 +145,16 @@ def probe_shape(name: str, T: int, folder: Path) -> list[dict]:
             lambda path=path: run_selected(q, k, v, block_idx, pos0, slc_block=l_slc, scale=scale, path=path)))
     out = torch.empty(T, H, dk, device="cuda", dtype=torch.bfloat16)
     gathered_gb = T * H * n * l_slc * dk * 2 * 2 / 1e9  # K and V, bfloat16
+    descriptors = tile_descriptors(l_slc, k, v)
     for label, ids in (("real ids", block_idx), ("ids < 64", block_idx % 64)):
         ids = ids.contiguous()
-        ms = bench(lambda ids=ids: _gather_kernel[(T, H)](ids, k, v, out, k.stride(1), v.stride(1), ids.stride(1), H,
-                                                          SLC_BLOCK=l_slc, TOP_N=n, D=dk, num_warps=4,
-                                                          num_stages=3))
-        record("gather", label, ms, TBps=gathered_gb / ms)
+        for loads, kd_vd in (("", (k, v)), (", descriptors", descriptors)):
+            if kd_vd is None:
+                continue
+            ms = bench(lambda ids=ids, kd_vd=kd_vd: _gather_kernel[(T, H)](
+                ids, k, v, *kd_vd, out, k.stride(1), v.stride(1), ids.stride(1), H, SLC_BLOCK=l_slc, TOP_N=n, D=dk,
+                TMA=kd_vd is descriptors, num_warps=4, num_stages=3))
+            record("gather", label + loads, ms, TBps=gathered_gb / ms)
     return rows
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.common import tile_descriptors
 from kernels.select import select_blocks
 from nsa_core import reference as ref
 
@@ -39,18 +40,21 @@ def test_a_select_kernel_that_changed_stops_the_probe(probe, monkeypatch):
         probe.select_variants()
 
 
-def test_the_gather_kernel_reads_every_selected_tile(probe):
-    """Its one output, the max over the K and V of the selected blocks, proves which tiles were loaded."""
-    torch.manual_seed(0)
+@pytest.mark.parametrize("descriptors", [False, True])
+def test_the_gather_kernel_reads_every_selected_tile(probe, descriptors):
+    """Its one output, the max over the K and V tiles of the selected blocks, is the last position of the
+    latest block when one of K, V holds each key's position and the other -1: a tile read one row off, or
+    a wrong block, changes it. Through pointer loads or tensor descriptors."""
     T, H, D, block, n = 256, 2, 16, 64, 3
-    k, v = torch.randn(1, T, H, D), torch.randn(1, T, H, D)
+    torch.manual_seed(0)
     ids = torch.randint(0, T // block, (1, T, H, n), dtype=torch.int32)
-    ids[..., -1] = -1  # an empty slot reads nothing
-    out = torch.empty(T, H, D)
-    probe._gather_kernel[(T, H)](ids, k, v, out, k.stride(1), v.stride(1), ids.stride(1), H, SLC_BLOCK=block,
-                                 TOP_N=n, D=D)
-    tiles = torch.stack([k[0], v[0]]).unflatten(1, (T // block, block))  # [2, T/l', l', H, D]
-    for t, h in [(0, 0), (100, 1), (255, 0)]:
-        chosen = [int(j) for j in ids[0, t, h] if j >= 0]
-        expected = tiles[:, chosen, :, h].amax(dim=(0, 1, 2)).clamp(min=0)  # masked loads read 0
-        torch.testing.assert_close(out[t, h], expected)
+    ids[..., -1] = -1  # an empty slot reads zeros
+    positions = torch.arange(T, dtype=torch.float32)[None, :, None, None].expand(1, T, H, D).contiguous()
+    minus_one = torch.full((1, T, H, D), -1.0)
+    for k, v in ((positions, minus_one), (minus_one, positions)):
+        out = torch.empty(T, H, D)
+        kd_vd = tile_descriptors(block, k, v) if descriptors else (k, v)
+        probe._gather_kernel[(T, H)](ids, k, v, *kd_vd, out, k.stride(1), v.stride(1), ids.stride(1), H,
+                                     SLC_BLOCK=block, TOP_N=n, D=D, TMA=descriptors)
+        last = (ids[0].long() * block + block - 1).where(ids[0] >= 0, 0).amax(-1)  # [T, H]
+        assert torch.equal(out, last[..., None].expand(T, H, D).float())
