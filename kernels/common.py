@@ -111,9 +111,15 @@ def key_splits(programs: int, tiles: int, device: torch.device, splits: int | No
 
 def tile_descriptors(block_n: int, *tensors: torch.Tensor):
     """Tensor descriptors (TMA on Hopper) of [block_n, D] key tiles of each [B, T, H, D] tensor, or None where
-    a tile cannot go through one: an empty tensor (a descriptor's sizes must be non-zero: a prompt shorter
-    than one compressed block has no compressed tokens), a head dim that is not a power of two from 16 (its
-    tile would be padded), or a stride or base address that is not 16-byte aligned. Rows past T read as zeros."""
+    a tile cannot go through one: a GPU without TMA (compute capability below 9, where Triton would emulate
+    the descriptors: the kernels keep their pointer loads there), an empty tensor (a descriptor's sizes must
+    be non-zero: a prompt shorter than one compressed block has no compressed tokens), a head dim that is
+    not a power of two from 16 (its tile would be padded), or a stride or base address that is not 16-byte
+    aligned. Rows past T read as zeros. Under the interpreter (CPU) they are built too, so that the tests
+    cover the descriptor path."""
+    device = tensors[0].device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return None
     for x in tensors:
         size = x.element_size()
         if x.numel() == 0 or x.shape[3] != pow2(x.shape[3], 16):

@@ -18,10 +18,10 @@ sees whole run without the visibility mask (SPLIT_MASK: masked head, unmasked bo
 compressed-branch programs run longest first. When a compressed-branch launch has too few row tiles to
 fill the GPU (decode: B * H programs), each tile's keys are shared out among KEY_SPLITS programs
 (flash-decoding) whose partial (o, lse) a second kernel merges (common.key_splits picks the count).
-Where the head dims are powers of two and the strides 16-byte aligned, the K and V tiles come through
-tensor descriptors over [B, TK, H, D] (TMA on Hopper; common.tile_descriptors): rows past TK read as
-zeros, and the keys of a tile that a row does not see are real values its mask gives p = 0, so the
-output is the same as with masked pointer loads, bit for bit.
+On GPUs with TMA (Hopper and later), where the head dims are powers of two and the strides 16-byte
+aligned, the K and V tiles come through tensor descriptors over [B, TK, H, D] (common.tile_descriptors):
+rows past TK read as zeros, and the keys of a tile that a row does not see are real values its mask
+gives p = 0, so the output is the same as with masked pointer loads, bit for bit.
 
 Shapes: q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], Dk and Dv up to 256 and independent
 (192 is padded to a 256 tile with masked loads); any TQ <= TK, per-batch query offsets (q_start).
