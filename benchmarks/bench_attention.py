@@ -292,6 +292,8 @@ def tune(rows, errors, T, knobs=()):
                                     lambda c: setattr(ks, "SELECT_LAUNCH", c), select)
     chosen["select-fill-first"] = sweep("select-fill-first", narrow, [True, False],
                                         lambda f: setattr(ks, "FILL_FIRST", f), select)
+    chosen["select-compact"] = sweep("select-compact", narrow, [True, False],
+                                     lambda f: setattr(ks, "COMPACT_MERGE", f), select)
 
     def group_path(x):
         return run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"], path="group")
@@ -312,7 +314,8 @@ def tune(rows, errors, T, knobs=()):
     x = shapes["small"]
     x["idx"] = select(x)
     chosen["slc-block-launch"] = sweep(
-        "slc-block-launch", [("small", x)], [(128, 4, 2), (128, 8, 2), (256, 8, 2), (64, 4, 2), (64, 2, 2)],
+        "slc-block-launch", [("small", x)],
+        [(128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 2), (64, 4, 2), (64, 4, 3)],
         lambda c: setattr(kslc, "BLOCK_PATH_LAUNCH", c),
         lambda x: run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"],
                                path="block"))

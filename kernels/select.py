@@ -30,7 +30,12 @@ the lowest slot, not always the highest id as in the reference: with uniform com
 and n = 16, for instance, a query can keep blocks 2-14 where the reference keeps 1-13. The chosen
 scores are the same either way. The profile that led here: with int64 keys holding the whole score
 and the id, the merge rounds were half of the kernel's instructions and the ALU pipe was the
-bottleneck (Nsight Compute, G = 4, 64k, H200). Excluded blocks get the smallest int32.
+bottleneck (Nsight Compute, G = 4, 64k, H200). Excluded blocks get the smallest int32. The group sum
+leaves every candidate key held by GP lanes (4 copies at G = 4), and the merge state takes the
+candidates' layout, so every round did its work GP times over; an identity gather first moves the
+candidates to one copy per key (COMPACT_MERGE). Compiled for sm_90 (Triton 3.9), a round is then 62
+PTX instructions instead of 121 at G = 4, and a chunk's work outside the rounds 394 instead of 803;
+not yet measured on a GPU.
 
 The Eq. 9 remap runs first, per (query, head) row, as one tensor-core product of p (float16 for
 16-bit inputs, like flash attention's P) with the [BC, NB] overlap weights; the group sum then adds
@@ -82,6 +87,9 @@ MERGE_ROWS = 1
 # of pointer loads: the same bits, and 8.57 against 10.18 ms at paper128, 2.98 against 3.32 at the small
 # shape (H100, 64k; fewer address instructions in a kernel bound by its ALU pipe).
 SELECT_TMA = True
+# The candidates moved to one copy per key before the merge (an identity tl.gather), so that the merge state
+# and its rounds are not replicated over the GP lanes of the group sum (False: merged where the sum leaves them).
+COMPACT_MERGE = True
 
 
 @triton.jit(do_not_specialize=["TQ", "TC"])
@@ -94,7 +102,7 @@ def _select_blocks_kernel(
     TOP_N: tl.constexpr, NP: tl.constexpr, NB: tl.constexpr, BC: tl.constexpr,
     INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, REMAP_FIRST: tl.constexpr,
     SPLIT: tl.constexpr, FILL: tl.constexpr, KEY_BITS: tl.constexpr, KEY_SPLITS: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, COMPACT: tl.constexpr,
 ):
     R: tl.constexpr = BT * GP
     PER_BLOCK: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
@@ -215,6 +223,10 @@ def _select_blocks_kernel(
         score = tl.where(forced, float("inf"), blk)
         cand = (score.to(tl.int32, bitcast=True) & ~TAG) | (NB - 1 - jl)[None, :]
         cand = tl.where(j[None, :] <= cur[:, None], cand, NONE)
+        if COMPACT:
+            # An identity gather: it moves the candidates out of the layout the group sum leaves them in
+            # (every key held by GP lanes) into one copy per key, and the merge state below follows them.
+            cand = tl.gather(cand, tl.zeros([BT, NB], tl.int32) + jl[None, :], 1)
         if KEY_SPLITS > 1:
             cand = tl.where(j0 >= j_first, cand, NONE)  # the carry-only chunk before this program's share
         if FILL:
@@ -373,7 +385,7 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
         SLC_BLOCK=slc_block, TOP_N=top_n, NP=np_, NB=nb, BC=bc, INIT=init_blocks,
         LOCAL=local_blocks, PREC=dot_precision(q.dtype), REMAP_FIRST=REMAP_FIRST,
         SPLIT=SPLIT_MASK, FILL=FILL_FIRST and nb == top_n, KEY_BITS=key_bits(nb, top_n),
-        KEY_SPLITS=splits, TMA=descriptors is not None, num_warps=warps, num_stages=stages,
+        KEY_SPLITS=splits, TMA=descriptors is not None, COMPACT=COMPACT_MERGE, num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         rows = B * TQ * H
