@@ -288,7 +288,8 @@ def tune(rows, errors, T, knobs=()):
                                    lambda f: setattr(ks, "REMAP_FIRST", f), select)
     chosen["select-split"] = sweep("select-split", narrow, [True, False],
                                    lambda f: setattr(ks, "SPLIT_MASK", f), select)
-    chosen["select-launch"] = sweep("select-launch", narrow, [(64, 4, 3), (128, 8, 3), (128, 4, 3), (64, 8, 3)],
+    chosen["select-launch"] = sweep("select-launch", narrow,
+                                    [(64, 4, 3), (128, 8, 3), (128, 4, 3), (64, 8, 3), (32, 4, 3), (32, 2, 3)],
                                     lambda c: setattr(ks, "SELECT_LAUNCH", c), select)
     chosen["select-fill-first"] = sweep("select-fill-first", narrow, [True, False],
                                         lambda f: setattr(ks, "FILL_FIRST", f), select)
