@@ -33,9 +33,9 @@ and the id, the merge rounds were half of the kernel's instructions and the ALU 
 bottleneck (Nsight Compute, G = 4, 64k, H200). Excluded blocks get the smallest int32. The group sum
 leaves every candidate key held by GP lanes (4 copies at G = 4), and the merge state takes the
 candidates' layout, so every round did its work GP times over; an identity gather first moves the
-candidates to one copy per key (COMPACT_MERGE). Compiled for sm_90 (Triton 3.9), a round is then 62
-PTX instructions instead of 121 at G = 4, and a chunk's work outside the rounds 394 instead of 803;
-not yet measured on a GPU.
+candidates to one copy per key (COMPACT_MERGE). Compiled for sm_90 (Triton 3.9), a round is then 49
+PTX instructions per thread instead of 98 at G = 4 (28 instead of 47 at G = 16), and a chunk's work
+outside the rounds 629 instead of 699 (548 instead of 575); not yet measured on a GPU.
 
 The Eq. 9 remap runs first, per (query, head) row, as one tensor-core product of p (float16 for
 16-bit inputs, like flash attention's P) with the [BC, NB] overlap weights; the group sum then adds
