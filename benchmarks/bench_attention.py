@@ -263,12 +263,13 @@ def tune(rows, errors, T, knobs=()):
                                [(64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
                                set_launch(MODE_CMP, "wide"), cmp)
     chosen["cmp-narrow"] = sweep("cmp-narrow", [("paper128", shapes["paper128"]), ("small", shapes["small"])],
-                                 [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+                                 [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3),
+                                  (128, 32, 8, 4), (64, 64, 4, 2)],
                                  set_launch(MODE_CMP, "narrow"), cmp)
     narrow = [("paper128", shapes["paper128"]), ("small", shapes["small"])]
     for _, x in narrow:
         x["o_cmp"], x["lse"] = cmp(x)
-    short_launches = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)]
+    short_launches = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (128, 32, 8, 3)]
     chosen["win-narrow"] = sweep(
         "win-narrow", narrow, short_launches, set_launch(MODE_WIN, "narrow"),
         lambda x: window_gated_sum(x["q"], x["k"], x["v"], x["gates"], x["o_cmp"], x["o_cmp"], x["pos0"],
