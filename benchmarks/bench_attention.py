@@ -294,8 +294,8 @@ def tune(rows, errors, T, knobs=()):
                                     lambda c: setattr(ks, "SELECT_LAUNCH", c), select)
     chosen["select-fill-first"] = sweep("select-fill-first", narrow, [True, False],
                                         lambda f: setattr(ks, "FILL_FIRST", f), select)
-    chosen["select-compact"] = sweep("select-compact", narrow, [True, False],
-                                     lambda f: setattr(ks, "COMPACT_MERGE", f), select)
+    chosen["select-compact"] = sweep("select-compact", narrow, [0, 4, 16],
+                                     lambda g: setattr(ks, "COMPACT_MERGE_MAX_GP", g), select)
 
     def group_path(x):
         return run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"], path="group")

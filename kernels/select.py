@@ -33,9 +33,10 @@ and the id, the merge rounds were half of the kernel's instructions and the ALU 
 bottleneck (Nsight Compute, G = 4, 64k, H200). Excluded blocks get the smallest int32. The group sum
 leaves every candidate key held by GP lanes (4 copies at G = 4), and the merge state takes the
 candidates' layout, so every round did its work GP times over; an identity gather first moves the
-candidates to one copy per key (COMPACT_MERGE). Compiled for sm_90 (Triton 3.9), a round is then 49
-PTX instructions per thread instead of 98 at G = 4 (28 instead of 47 at G = 16), and a chunk's work
-outside the rounds 629 instead of 699 (548 instead of 575); not yet measured on a GPU.
+candidates to one copy per key (COMPACT_MERGE_MAX_GP). Compiled for sm_90 (Triton 3.9), a round is
+then 49 PTX instructions per thread instead of 98 at G = 4, and a chunk's work outside the rounds 629
+instead of 699; on an H100 select took 2.71 against 2.97 ms (G = 4, 64k). At G = 16 (28 against 47
+per round) it was slower, 9.13 against 8.54 ms, so small groups only.
 
 The Eq. 9 remap runs first, per (query, head) row, as one tensor-core product of p (float16 for
 16-bit inputs, like flash attention's P) with the [BC, NB] overlap weights; the group sum then adds
@@ -87,9 +88,11 @@ MERGE_ROWS = 1
 # of pointer loads: the same bits, and 8.57 against 10.18 ms at paper128, 2.98 against 3.32 at the small
 # shape (H100, 64k; fewer address instructions in a kernel bound by its ALU pipe).
 SELECT_TMA = True
-# The candidates moved to one copy per key before the merge (an identity tl.gather), so that the merge state
-# and its rounds are not replicated over the GP lanes of the group sum (False: merged where the sum leaves them).
-COMPACT_MERGE = True
+# Groups (GP, G rounded up to a power of two) from 2 up to this size move the candidates to one copy per key
+# before the merge (an identity tl.gather), so that the merge state and its rounds are not replicated over the
+# GP lanes of the group sum. H100, 64k: select 2.97 -> 2.71 ms at G = 4, but 8.54 -> 9.13 at G = 16, where a
+# program holds 4 queries and the rounds are fewer (G = 1 has no copies to remove; G = 8 was not measured).
+COMPACT_MERGE_MAX_GP = 4
 
 
 @triton.jit(do_not_specialize=["TQ", "TC"])
@@ -385,7 +388,8 @@ def _select(q, k_cmp, lse, pos0, *, cmp_block, cmp_stride, slc_block, top_n, sca
         SLC_BLOCK=slc_block, TOP_N=top_n, NP=np_, NB=nb, BC=bc, INIT=init_blocks,
         LOCAL=local_blocks, PREC=dot_precision(q.dtype), REMAP_FIRST=REMAP_FIRST,
         SPLIT=SPLIT_MASK, FILL=FILL_FIRST and nb == top_n, KEY_BITS=key_bits(nb, top_n),
-        KEY_SPLITS=splits, TMA=descriptors is not None, COMPACT=COMPACT_MERGE, num_warps=warps, num_stages=stages,
+        KEY_SPLITS=splits, TMA=descriptors is not None, COMPACT=1 < gp <= COMPACT_MERGE_MAX_GP, num_warps=warps,
+        num_stages=stages,
     )
     if splits > 1:
         rows = B * TQ * H

@@ -175,10 +175,10 @@ def test_select_blocks_across_score_chunks_and_merges(variant, monkeypatch):
 
 
 
-@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("G", [2, 16])
 def test_select_compact_merge_layout_chooses_the_same_ids(G, monkeypatch):
-    """The identity gather that gives the merge state one copy per key (COMPACT_MERGE) changes its layout
-    only: 80 selection blocks, several merges, the same ids bit for bit as without it."""
+    """The identity gather that gives the merge state one copy per key (COMPACT_MERGE_MAX_GP) changes its
+    layout only: 80 selection blocks, several merges, the same ids bit for bit as without it."""
     from kernels import select as select_mod
 
     l, d, ls = 8, 4, 8
@@ -186,8 +186,9 @@ def test_select_compact_merge_layout_chooses_the_same_ids(G, monkeypatch):
     k_cmp = torch.randn(1, (640 - l) // d + 1, 1, 16)
     _, lse = ref.compressed_attention(q, k_cmp, k_cmp, cmp_block=l, cmp_stride=d)
     args = {"cmp_block": l, "cmp_stride": d, "slc_block": ls, "top_n": 16}
+    monkeypatch.setattr(select_mod, "COMPACT_MERGE_MAX_GP", 64)
     compact = kernels.select_blocks(q, k_cmp, lse, **args)
-    monkeypatch.setattr(select_mod, "COMPACT_MERGE", False)
+    monkeypatch.setattr(select_mod, "COMPACT_MERGE_MAX_GP", 0)
     assert torch.equal(compact, kernels.select_blocks(q, k_cmp, lse, **args))
 
 def test_select_blocks_top_n_larger_than_one_merges_candidates():
