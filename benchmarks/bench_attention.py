@@ -264,7 +264,7 @@ def tune(rows, errors, T, knobs=()):
                                set_launch(MODE_CMP, "wide"), cmp)
     chosen["cmp-narrow"] = sweep("cmp-narrow", [("paper128", shapes["paper128"]), ("small", shapes["small"])],
                                  [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3),
-                                  (128, 32, 8, 4), (64, 64, 4, 2)],
+                                  (128, 32, 8, 4)],
                                  set_launch(MODE_CMP, "narrow"), cmp)
     narrow = [("paper128", shapes["paper128"]), ("small", shapes["small"])]
     for _, x in narrow:

@@ -46,7 +46,8 @@ Shapes: any G from 1 to 64, Dk up to 256, any T, TQ < TK with q_start (int or [B
 positive integers with l - d <= l'. Tested: float32 under TRITON_INTERPRET=1 (Triton 3.9) and
 bfloat16 on an NVIDIA H200 and an NVIDIA H100 (Triton 3.6) up to T = 16k; key splits on the H100
 (decode over a 16k cache, G 4 and 16); the compressed keys through a tensor descriptor (SELECT_TMA) under
-the interpreter (the same ids as pointer loads) and in the H100's GPU tests. Known limits: forward only;
+the interpreter (the same ids as pointer loads) and in the H100's GPU tests; the compact merge layout under
+the interpreter (the same ids as without it) and in the H100's GPU tests. Known limits: forward only;
 near-ties as above; a NaN score (from NaN inputs) is ranked above every finite one instead of raising.
 """
 
