@@ -174,7 +174,6 @@ def test_select_blocks_across_score_chunks_and_merges(variant, monkeypatch):
                           slc_block=ls)
 
 
-
 @pytest.mark.parametrize("G", [2, 16])
 def test_select_compact_merge_layout_chooses_the_same_ids(G, monkeypatch):
     """The identity gather that gives the merge state one copy per key (COMPACT_MERGE_MAX_GP) changes its
@@ -190,6 +189,7 @@ def test_select_compact_merge_layout_chooses_the_same_ids(G, monkeypatch):
     compact = kernels.select_blocks(q, k_cmp, lse, **args)
     monkeypatch.setattr(select_mod, "COMPACT_MERGE_MAX_GP", 0)
     assert torch.equal(compact, kernels.select_blocks(q, k_cmp, lse, **args))
+
 
 def test_select_blocks_top_n_larger_than_one_merges_candidates():
     """n = 40 of 80 blocks, more than the 16 candidates one merge takes in (the top-n set is padded)."""
@@ -295,7 +295,6 @@ def test_selected_attention_both_paths_with_offsets(G, path):
     idx = _random_block_idx(2, 9, 2, TOP_N, starts[:, None] + torch.arange(9))
     o = selected_mod.run_selected(q, k, v, idx, starts, slc_block=L_SLC, scale=16 ** -0.5, path=path)
     _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC, q_start=starts))
-
 
 
 @pytest.mark.parametrize(("G", "path", "forced"), [(1, "group", (1, 2)), (16, "group", (2, 1)), (3, "block", (1, 2)),
