@@ -8,7 +8,7 @@ padded to 16 rows: with G < 16 most of each MMA is idle, and every query still s
 keys, whatever the group size.
 
 The block-centric path (for small groups, chosen by `run_selected`) inverts the loop, as FSA does:
-the (query, slot) pairs are sorted by the block they selected (one torch sort, no [T, Ns] matrix),
+the (query, slot) pairs are grouped by the block they selected (a counting sort, no [T, Ns] matrix),
 and one program takes up to BLOCK_R // G pairs that chose the same block, gathers their G heads
 into BLOCK_R rows and attends to that block once, so the tensor-core tile is full and each block is
 read once per BLOCK_R // G queries instead of once per query. Each pair writes its partial output
@@ -18,7 +18,7 @@ and log-sum-exp; a second kernel merges the n partials of every query. The parti
 When nsa_attention has attended to the forced blocks already (interval kernel, MODE_FORCED, one dense
 launch for every query), both paths take that (o_f, lse_f) as one more softmax part and skip the
 forced slots: the group path loops only over the run of slots between them (ids ascend), the block
-path leaves those pairs out of the sort, and its merge adds the part.
+path leaves those pairs out of its groups, and its merge adds the part.
 
 Shapes (both paths): q [B, TQ, HQ, Dk], k [B, TK, H, Dk], v [B, TK, H, Dv], block_idx [B, TQ, H, n] int32/int64,
 Dk/Dv up to 256, any G from 1 to 64, TQ <= TK with q_start. Tested: float32 under TRITON_INTERPRET=1
@@ -234,25 +234,11 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, f
     block_r = max(rows, pow2(G, 16))
     per_prog = block_r // G  # (query, slot) pairs per program
 
-    # Pairs (b, t, h, slot) sorted by segment (b, h, block); empty slots (and forced blocks when their
-    # attention comes precomputed) sort last and are never read.
-    ids = block_idx.long()
-    bh = (torch.arange(B, device=q.device)[:, None, None, None] * H
-          + torch.arange(H, device=q.device)[None, None, :, None])  # [B, 1, H, 1]
-    keep = ids >= 0
-    if flags["FORCED"]:
-        cur = ((pos0[:, None] + torch.arange(TQ, device=q.device)[None, :]) // common["SLC_BLOCK"])[:, :, None, None]
-        keep &= (ids >= flags["INIT"]) & (ids <= cur - flags["LOCAL"])
-    seg = torch.where(keep, bh * num_slc + ids, num_seg).flatten()  # [B*TQ*H*n]
-    seg = seg.to(torch.int32) if num_seg < 2**31 else seg
-    seg_sorted, order = torch.sort(seg, stable=True)
-    # Where each segment's run starts in the sorted pairs (searchsorted, unlike bincount, needs no sync).
-    bounds = torch.searchsorted(seg_sorted, torch.arange(num_seg + 1, device=q.device, dtype=seg_sorted.dtype))
-    seg_start, counts = bounds[:-1], bounds[1:] - bounds[:-1]
+    order, seg_start, counts = _bucket_pairs(block_idx, pos0, num_slc, common["SLC_BLOCK"], flags)
     chunks = (counts + per_prog - 1) // per_prog
     chunk_end = torch.cumsum(chunks, 0)
     # Upper bound on the number of programs, so that no device-to-host sync is needed.
-    grid = triton.cdiv(seg.numel(), per_prog) + num_seg
+    grid = triton.cdiv(order.numel(), per_prog) + num_seg
     prog_seg = torch.searchsorted(chunk_end, torch.arange(grid, device=q.device), right=True).to(torch.int32)
     chunk_start = (chunk_end - chunks).to(torch.int32)
 
@@ -271,6 +257,51 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, f
         BLOCK_DV=block_dv, SLC_BLOCK=common["SLC_BLOCK"], num_warps=min(4, max(1, gp * block_dv // 512)), **flags,
     )
     return o
+
+
+# Pairs per program of the bucketing passes.
+BUCKET_BLOCK = 1024
+
+
+def _bucket_pairs(block_idx, pos0, num_slc, slc_block, flags):
+    """Group the (b, t, h, slot) pairs by segment (b, h, block) without sorting them: a counting sort.
+
+    block_idx [B, TQ, H, n] contiguous. Returns order [B*TQ*H*n] int64 (flat pair indices, those of
+    segment s at order[seg_start[s] : seg_start[s] + counts[s]]), seg_start and counts [B*H*num_slc]
+    int64. Empty slots (and forced blocks when their attention comes precomputed) are left out; the
+    tail of order past the kept pairs is never written. Within a segment the order is whatever the
+    atomics made it: each pair's partial output depends on its own row only, so the outputs are the
+    same bits in any order. Two passes over the ids (count, then place at a per-segment cursor) and
+    a cumsum of the counts replace a torch sort of every pair and the masks built around it.
+    """
+    B, TQ, H, n = block_idx.shape
+    num_pairs = block_idx.numel()
+    counts = torch.zeros(B * H * num_slc, device=block_idx.device, dtype=torch.int64)
+    order = torch.empty(num_pairs, device=block_idx.device, dtype=torch.int64)
+    grid = (triton.cdiv(num_pairs, BUCKET_BLOCK),)
+    args = (block_idx, pos0, order, num_pairs, TQ, H, num_slc)
+    meta = {"N_SLOTS": n, "SLC_BLOCK": slc_block, "BLOCK": BUCKET_BLOCK, **flags}
+    _bucket_pairs_kernel[grid](counts, *args, PLACE=False, **meta)
+    seg_start = torch.cumsum(counts, 0) - counts
+    _bucket_pairs_kernel[grid](seg_start.clone(), *args, PLACE=True, **meta)
+    return order, seg_start, counts
+
+
+@triton.jit
+def _bucket_pairs_kernel(CURSOR, IDX, POS0, ORDER, NUM_PAIRS, TQ, H, NUM_SLC,
+                         N_SLOTS: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                         FORCED: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PLACE: tl.constexpr):
+    """One pass of `_bucket_pairs`: PLACE=False counts the kept pairs of each segment into CURSOR;
+    PLACE=True takes a position from each pair's segment cursor and writes the pair's index there."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat (b, t, h, slot)
+    in_range = e < NUM_PAIRS
+    ids = tl.load(IDX + e, mask=in_range, other=-1).to(tl.int64)
+    bh = e // (N_SLOTS * H * TQ) * H + (e // N_SLOTS) % H
+    cur = (tl.load(POS0 + bh // H, mask=in_range, other=0) + (e // (N_SLOTS * H)) % TQ) // SLC_BLOCK if FORCED else 0
+    keep = in_range & _merged_slot(ids, cur, FORCED, INIT, LOCAL)
+    at = tl.atomic_add(CURSOR + bh * NUM_SLC + ids, 1, mask=keep)
+    if PLACE:
+        tl.store(ORDER + at, e, mask=keep)
 
 
 @triton.jit

@@ -318,6 +318,33 @@ def test_selected_attention_with_forced_blocks_precomputed(G, path, forced):
     _close(o, ref.selected_attention(q, k, v, idx, slc_block=L_SLC, q_start=starts))
 
 
+@pytest.mark.parametrize("forced", [None, (1, 2)])
+def test_block_path_buckets_hold_each_segments_pairs(forced):
+    """The counting sort puts every kept (b, t, h, slot) pair, and nothing else, in its segment's run of
+    `order`: the same sets as a stable sort of the segment keys, whatever order the atomics left inside
+    a run. With forced blocks precomputed their slots are left out, as are the empty ones."""
+    B, TQ, H, n, num_slc = 2, 9, 3, TOP_N, 12
+    starts = torch.tensor([81, 30])
+    pos = starts[:, None] + torch.arange(TQ)
+    idx = _random_block_idx(B, TQ, H, n, pos).contiguous()
+    init, local = forced or (0, 0)
+    flags = {"FORCED": forced is not None, "INIT": init, "LOCAL": local}
+    order, seg_start, counts = selected_mod._bucket_pairs(idx, starts, num_slc, L_SLC, flags)
+
+    ids = idx.long()
+    keep = ids >= 0
+    if forced:
+        cur = (pos // L_SLC)[:, :, None, None]
+        keep &= (ids >= init) & (ids <= cur - local)
+    bh = torch.arange(B)[:, None, None, None] * H + torch.arange(H)[None, None, :, None]
+    seg = torch.where(keep, bh * num_slc + ids, -1).flatten()
+    assert torch.equal(counts, torch.bincount(seg[seg >= 0], minlength=B * H * num_slc))
+    assert torch.equal(seg_start, torch.cumsum(counts, 0) - counts)
+    for s in range(B * H * num_slc):
+        run = order[seg_start[s]:seg_start[s] + counts[s]]
+        assert torch.equal(run.sort().values, torch.nonzero(seg == s).flatten())
+
+
 @pytest.mark.parametrize("G", [1, 4])
 def test_tensor_descriptor_loads_give_the_pointer_loads_bits(G, monkeypatch):
     """K/V tiles through tensor descriptors read zeros past TK and real keys past a row's interval (which
