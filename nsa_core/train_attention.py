@@ -21,6 +21,11 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from . import masks, reference
 
+try:  # newer torch asks for the lse through return_aux and deprecates return_lse
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:
+    AuxRequest = None
+
 # FlexAttention's tile: queries and keys are grouped in blocks of this many tokens.
 FLEX_BLOCK = 128
 
@@ -123,11 +128,14 @@ class FlexNSA:
 
     def _run(self, q, k, v, block_mask, scale, return_lse=False):
         """[B, T, H, D] layout in and out; FlexAttention itself wants [B, H, T, D]."""
-        out = self._flex(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-                         block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
-                         return_lse=return_lse)
+        lse_request = {}
         if return_lse:
-            o, lse = out
+            lse_request = {"return_aux": AuxRequest(lse=True)} if AuxRequest else {"return_lse": True}
+        out = self._flex(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+                         block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2], **lse_request)
+        if return_lse:
+            o, aux = out
+            lse = aux.lse if AuxRequest else aux
             return o.transpose(1, 2), lse.transpose(1, 2)
         return out.transpose(1, 2)
 
