@@ -274,7 +274,7 @@ def _bucket_pairs(block_idx, pos0, num_slc, slc_block, flags):
     tail of order past the kept pairs is never written. Within a segment the order is whatever the
     atomics made it: each pair's partial output depends on its own row only, so the outputs are the
     same bits in any order. Two passes over the ids (count, then place at a per-segment cursor) and
-    a cumsum of the counts replace a torch sort of every pair and the masks built around it.
+    a cumsum of the counts: no sort of every pair.
     """
     B, TQ, H, n = block_idx.shape
     num_pairs = block_idx.numel()
