@@ -413,13 +413,17 @@ def _config(G, **changes):
 
 
 @pytest.mark.parametrize("slc_scores", ["paper", "free"])
-@pytest.mark.parametrize(("G", "path"), [(1, "group"), (4, "block")])
+@pytest.mark.parametrize(("G", "path"), [(1, "group"), (4, "block"), (3, "block-forced-gathered")])
 def test_nsa_attention_parts_match_reference(G, path, slc_scores, monkeypatch):
     """The whole layer; at G = 4 the selected branch takes the block path, as it does for long prefills
-    on a GPU (the interpreter's shapes are below the path's size thresholds)."""
-    if path == "block":
+    on a GPU (the interpreter's shapes are below the path's size thresholds); block-forced-gathered:
+    G = 3 with the forced blocks among the block path's pairs instead of attended apart."""
+    from kernels import nsa as nsa_mod
+
+    if path.startswith("block"):
         monkeypatch.setattr(selected_mod, "BLOCK_PATH_MIN_SHARE", 0)
         monkeypatch.setattr(selected_mod, "BLOCK_PATH_MIN_SLOTS", 0)
+    monkeypatch.setattr(nsa_mod, "FORCED_DENSE", path != "block-forced-gathered")
     cfg = _config(G, slc_scores=slc_scores)
     q, k, v = _qkv(1, 75, 75, 2, G)
     k_cmp, v_cmp = _cmp_kv(1, 75, 2)
