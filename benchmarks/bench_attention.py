@@ -317,7 +317,7 @@ def tune(rows, errors, T, knobs=()):
     x["idx"] = select(x)
     chosen["slc-block-launch"] = sweep(
         "slc-block-launch", [("small", x)],
-        [(128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 2), (64, 4, 2), (64, 4, 3)],
+        [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2), (256, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 3)],
         lambda c: setattr(kslc, "BLOCK_PATH_LAUNCH", c),
         lambda x: run_selected(x["q"], x["k"], x["v"], x["idx"], x["pos0"], slc_block=64, scale=x["scale"],
                                path="block"))

@@ -221,9 +221,9 @@ GROUP_TMA = True
 BLOCK_PATH_MAX_GROUP = 8
 BLOCK_PATH_MIN_SHARE = 16
 BLOCK_PATH_MIN_SLOTS = 1 << 18
-# Block-centric launch on a GPU: (rows = pairs x G per program, num_warps, num_stages). More pairs per
-# program, fewer re-reads of a block.
-BLOCK_PATH_LAUNCH = (128, 4, 2)
+# Block-centric launch on a GPU: (rows = pairs x G per program, keys per tile, num_warps, num_stages). More
+# pairs per program, fewer re-reads of a block; the key tile is capped by the block and by the head dims'.
+BLOCK_PATH_LAUNCH = (128, 64, 4, 2)
 
 
 def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, flags):
@@ -232,7 +232,8 @@ def _run_block_centric(q, k, v, block_idx, pos0, o, scale, common, o_f, lse_f, f
     G, n = HQ // H, block_idx.shape[-1]
     num_slc = triton.cdiv(TK, common["SLC_BLOCK"])
     num_seg = B * H * num_slc
-    rows, warps, stages = BLOCK_PATH_LAUNCH if q.is_cuda else (32, 4, 1)
+    rows, block_n, warps, stages = BLOCK_PATH_LAUNCH if q.is_cuda else (32, common["BLOCK_N"], 4, 1)
+    common = {**common, "BLOCK_N": min(common["BLOCK_N"], block_n)}
     block_r = max(rows, pow2(G, 16))
     per_prog = block_r // G  # (query, slot) pairs per program
 
