@@ -40,10 +40,11 @@ class Recorded:
 
 
 def newest_first(recorded: dict[str, Recorded]) -> list[str]:
-    """File names ordered for the picker: the latest date first, then the most charts and records, so
-    that a day's full run comes before that day's partial sweeps and earlier cards' runs."""
-    return sorted(recorded, key=lambda n: (recorded[n].date, len(recorded[n].charts), len(recorded[n].rows)),
-                  reverse=True)
+    """File names ordered for the picker: files with charts before table-only ones (tuning sweeps and
+    probes), then the latest date first, then the most charts and records, so that the page opens on
+    a chart and a day's full run comes before that day's partial sweeps and earlier cards' runs."""
+    return sorted(recorded, key=lambda n: (bool(recorded[n].charts), recorded[n].date, len(recorded[n].charts),
+                                           len(recorded[n].rows)), reverse=True)
 
 
 def result_files(folder: Path = RESULTS_DIR) -> list[Path]:

@@ -293,8 +293,8 @@ def test_bench_results_read_wide_records_as_one_line_per_timing_field():
 
 
 def test_bench_results_list_the_latest_full_run_first():
-    def doc(date, shapes, lengths):
-        rows = [{"shape": s, "stage": "nsa", "impl": "triton", "T": t, "ms": 1.0} for s in shapes for t in lengths]
+    def doc(date, shapes, lengths, stage="nsa"):
+        rows = [{"shape": s, "stage": stage, "impl": "triton", "T": t, "ms": 1.0} for s in shapes for t in lengths]
         return bench_results.parse({"date": date, "results": rows})
 
     recorded = {
@@ -302,13 +302,15 @@ def test_bench_results_list_the_latest_full_run_first():
         "h200-sweep.json": doc("2026-11-29", ["a"], [4]),
         "h200-full.json": doc("2026-11-29", ["a", "b"], [1, 2, 3, 4]),
         "h200-64k.json": doc("2026-11-29", ["a", "b"], [4]),
+        "h200-probe.json": doc("2026-11-30", ["a", "b"], [1, 2, 3, 4], stage="probe:x"),  # newest, but no chart
         "undated.json": bench_results.parse([{"T": 1, "x_ms": 1.0}]),
     }
     assert bench_results.newest_first(recorded) == [
-        "h200-full.json", "h200-64k.json", "h200-sweep.json", "h100-old.json", "undated.json"]
-    # the shipped results open on a dated run of the kernel benchmark
+        "h200-full.json", "h200-64k.json", "h200-sweep.json", "h100-old.json", "undated.json", "h200-probe.json"]
+    # the shipped results open on a dated run with charts
     shipped = {f.name: bench_results.load(f) for f in bench_results.result_files()}
-    assert shipped[bench_results.newest_first(shipped)[0]].date
+    first = shipped[bench_results.newest_first(shipped)[0]]
+    assert first.date and first.charts
 
 
 def test_bench_results_refuse_a_file_without_records(tmp_path):
