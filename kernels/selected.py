@@ -222,7 +222,8 @@ BLOCK_PATH_MAX_GROUP = 8
 BLOCK_PATH_MIN_SHARE = 16
 BLOCK_PATH_MIN_SLOTS = 1 << 18
 # Block-centric launch on a GPU: (rows = pairs x G per program, keys per tile, num_warps, num_stages). More
-# pairs per program, fewer re-reads of a block; the key tile is capped by the block and by the head dims'.
+# pairs per program, fewer re-reads of a block. The key tile is at most the selection block, and 32 keys for
+# head dims over 128 (run_selected's BLOCK_N).
 BLOCK_PATH_LAUNCH = (128, 64, 4, 2)
 
 
