@@ -12,6 +12,9 @@ import pytest
 import torch
 
 import kernels
+from kernels import interval_attention as ia
+from kernels import nsa as nsa_mod
+from kernels import select as select_mod
 from kernels import selected as selected_mod
 from nsa_core import masks
 from nsa_core import reference as ref
@@ -104,8 +107,6 @@ def test_compressed_attention_only_empty_rows_and_offsets():
 def test_long_intervals_take_the_unmasked_body(G, monkeypatch):
     """Rows deep in the sequence see whole key tiles: the split loop (masked edges, unmasked body) gives
     the reference, and the same bits as the loop that masks every tile."""
-    from kernels import interval_attention as ia
-
     q, k, v = _qkv(2, 37, 300, 2, G)
     k_cmp, v_cmp = _cmp_kv(2, 300, 2)
     starts = torch.tensor([263, 180])
@@ -157,8 +158,6 @@ def test_select_blocks_across_score_chunks_and_merges(variant, monkeypatch):
     """80 selection blocks: several score tiles and top-n merges, and the overlap carried between tiles;
     late tiles see whole chunks (the unmasked branch). The kernel variants the benchmark can pick; with
     n = 16 = NB the first chunk can fill the set directly (FILL_FIRST)."""
-    from kernels import select as select_mod
-
     remap_first, split, fill, n = variant
     monkeypatch.setattr(select_mod, "REMAP_FIRST", remap_first)
     monkeypatch.setattr(select_mod, "SPLIT_MASK", split)
@@ -178,8 +177,6 @@ def test_select_blocks_across_score_chunks_and_merges(variant, monkeypatch):
 def test_select_compact_merge_layout_chooses_the_same_ids(G, monkeypatch):
     """The identity gather that gives the merge state one copy per key (COMPACT_MERGE_MAX_GP) changes its
     layout only: 80 selection blocks, several merges, the same ids bit for bit as without it."""
-    from kernels import select as select_mod
-
     l, d, ls = 8, 4, 8
     q, _, _ = _qkv(1, 640, 640, 1, G)
     k_cmp = torch.randn(1, (640 - l) // d + 1, 1, 16)
@@ -351,8 +348,6 @@ def test_tensor_descriptor_loads_give_the_pointer_loads_bits(G, monkeypatch):
     the mask gives p = 0): every interval-kernel mode, the group path (empty slots, a ragged last block)
     and select (score chunks that fill their key tiles, and chunks that do not) give the same bits as
     masked pointer loads."""
-    from kernels import interval_attention as ia
-    from kernels import select as select_mod
     from kernels.common import tile_descriptors
 
     q, k, v = _qkv(2, 9, 90, 2, G, dk=16, dv=16)
@@ -418,8 +413,6 @@ def test_nsa_attention_parts_match_reference(G, path, slc_scores, monkeypatch):
     """The whole layer; at G = 4 the selected branch takes the block path, as it does for long prefills
     on a GPU (the interpreter's shapes are below the path's size thresholds); block-forced-gathered:
     G = 3 with the forced blocks among the block path's pairs instead of attended apart."""
-    from kernels import nsa as nsa_mod
-
     if path.startswith("block"):
         monkeypatch.setattr(selected_mod, "BLOCK_PATH_MIN_SHARE", 0)
         monkeypatch.setattr(selected_mod, "BLOCK_PATH_MIN_SLOTS", 0)
@@ -448,10 +441,6 @@ def test_nsa_attention_parts_match_reference(G, path, slc_scores, monkeypatch):
 def test_nsa_attention_decode_step_with_independent_window_kv(forced_dense, splits, TK, monkeypatch):
     """A decode step (3 queries at the end of TK keys); with key splits the compressed branch and the
     selection share each query tile's keys among 3 programs, as on a GPU where B * H programs are too few."""
-    from kernels import interval_attention as ia
-    from kernels import nsa as nsa_mod
-    from kernels import select as select_mod
-
     monkeypatch.setattr(nsa_mod, "FORCED_DENSE", forced_dense)
 
     def fixed_splits(programs, tiles, device, requested=None):
